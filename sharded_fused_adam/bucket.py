@@ -1,0 +1,98 @@
+"""One bucket on one rank: the flat params plus this rank's gradient, master and moment shards.
+
+[Note: master weights]
+For fp32/fp64 params the rank's slice of the flat param buffer *is* the master: Adam
+updates it in place and no copy exists (8 bytes of moments per element per shard). For
+fp16/bf16 params the rank keeps an fp32 master shard, fp32 moments and an fp32 gradient
+shard; after the update the master is rounded into the flat param shard, which is then
+gathered. The fp32 master is the source of truth: editing low-precision params in place
+after construction is overwritten by the next step unless ``load_state_dict`` or
+``ShardedFusedAdam.refresh_masters()`` copies them in.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .flat_buffer import FlatParamBuffer
+from .layout import BucketLayout, kernel_segments
+
+__all__ = ["Bucket", "LOW_PRECISION"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Bucket:
+    """Everything this rank keeps for one bucket (see [Note: master weights]).
+
+    Args:
+        layout: the bucket's layout (shared by all ranks).
+        params: the bucket's params in slot order; they become views into ``buffer.flat``.
+        names: display names of the params, for error messages.
+        group_index: the param group all of this bucket's params belong to.
+        rank: this rank's index in the process group.
+    """
+
+    def __init__(
+        self,
+        layout: BucketLayout,
+        params: Sequence[torch.Tensor],
+        names: Sequence[str],
+        group_index: int,
+        rank: int,
+    ):
+        self.layout = layout
+        self.group_index = group_index
+        self.rank = rank
+        self.buffer = FlatParamBuffer(layout, params, names)
+        self.fragments = layout.fragments(rank)
+        self.full_segments = tuple(
+            (start, end) for start, end, _ in kernel_segments(self.fragments, layout.slots, [0] * len(self.fragments))
+        )
+        param_shard = self.buffer.shard(rank)
+        low = self.buffer.dtype in LOW_PRECISION
+        self.master = param_shard.float() if low else param_shard
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.max_exp_avg_sq: torch.Tensor | None = None
+        self.grad_shard = torch.zeros_like(self.master)
+        self.grad_valid = False  # False: the shard holds no gradient since zero_grad
+        self.has_grad = [False] * len(layout.slots)  # this rank, since zero_grad
+        self.steps = [0] * len(layout.slots)  # Adam step count per param (same on all ranks)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.buffer.params
+
+    @property
+    def is_low_precision(self) -> bool:
+        return self.master.data_ptr() != self.buffer.shard(self.rank).data_ptr()
+
+    def ensure_amsgrad_buffer(self) -> torch.Tensor:
+        if self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = torch.zeros_like(self.master)
+        return self.max_exp_avg_sq
+
+    def segments_to_update(self, mask: Sequence[bool]) -> list[tuple[int, int, int]]:
+        """``(start, end, new_step)`` shard ranges to update, given which params have a gradient.
+
+        Params without a gradient on any rank are skipped and keep their step count
+        (torch semantics); params with different step counts go to different calls.
+        """
+        steps = self.steps
+        if all(mask) and steps.count(steps[0]) == len(steps):
+            return [(start, end, steps[0] + 1) for start, end in self.full_segments]
+        frags = [f for f in self.fragments if mask[f.slot]]
+        return [
+            (start, end, step + 1)
+            for start, end, step in kernel_segments(frags, self.layout.slots, [steps[f.slot] for f in frags])
+        ]
+
+    def advance_steps(self, mask: Sequence[bool]) -> None:
+        self.steps = [s + 1 if m else s for s, m in zip(self.steps, mask)]
+
+    def publish_master(self) -> None:
+        """Round the fp32 master into this rank's slice of the flat params (low precision only)."""
+        if self.is_low_precision:
+            self.buffer.shard(self.rank).copy_(self.master)

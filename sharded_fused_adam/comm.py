@@ -1,0 +1,204 @@
+"""The only module that issues collectives; every function takes the process group explicitly.
+
+[Note: collective choice]
+A ZeRO step needs the sum of every rank's gradient on the rank that owns each shard, and
+every rank's updated shard on every rank. Which collectives do that fastest depends on the
+backend, so we chose by measurement (``benchmarks/comm_bench.py`` reproduces it):
+
+* NCCL / HCCL: ``reduce_scatter_tensor`` + in-place ``all_gather_into_tensor`` on buffers
+  padded to a multiple of the world size (HCCL requires the exact multiple). Same bytes on
+  the wire as DDP's all-reduce.
+* gloo (2 ranks, 16.8M fp32, one thread each, this machine): ``all_reduce`` 75 ms vs
+  ``reduce_scatter_tensor`` 102 ms, and one ``broadcast`` per owner 22 ms vs
+  ``all_gather_into_tensor`` 80 ms. So on gloo the gradient is all-reduced and each rank
+  keeps its slice, and each owner broadcasts its shard.
+
+``comm="auto"`` picks by backend; ``"scatter_gather"`` and ``"allreduce_broadcast"`` force one.
+All reductions are SUMs: the optimizer divides by the world size on its own shard, which is
+exact for power-of-two world sizes and sidesteps HCCL's emulated AVG (SUM then divide).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Pending",
+    "CommPlan",
+    "ScatterGather",
+    "AllReduceBroadcast",
+    "CommCounter",
+    "choose_comm_plan",
+    "COMM_PLANS",
+    "all_reduce_",
+    "broadcast_",
+    "any_rank",
+]
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+class Pending:
+    """An in-flight collective; ``wait()`` returns the tensor holding the result."""
+
+    __slots__ = ("_works", "_result")
+
+    def __init__(self, works: Sequence[dist.Work], result: torch.Tensor | None):
+        self._works = list(works)
+        self._result = result
+
+    def wait(self) -> torch.Tensor | None:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        return self._result
+
+
+@dataclass
+class CommCounter:
+    """Bytes handed to each kind of collective since the last ``reset`` (payload, not wire bytes)."""
+
+    bytes_by_op: dict = field(default_factory=dict)
+
+    def add(self, op: str, tensor: torch.Tensor) -> None:
+        self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + tensor.numel() * tensor.element_size()
+
+    def reset(self) -> None:
+        self.bytes_by_op = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_op.values())
+
+
+@dataclass(frozen=True)
+class CommPlan:
+    """How gradients reach shard owners (``reduce``) and shards reach every rank (``gather``).
+
+    Subclasses are the strategies of [Note: collective choice]; this base is the single-rank
+    plan, which moves nothing.
+    """
+
+    group: ProcessGroup
+    rank: int
+    world_size: int
+    counter: CommCounter
+    name = "local"
+    reduce_needs_output = False  # whether ``reduce`` writes into a separate shard-sized buffer
+
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+        """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard."""
+        return Pending([], flat)
+
+    def gather(self, flat: torch.Tensor) -> Pending:
+        """Start filling every rank's copy of ``flat`` with each owner's shard."""
+        return Pending([], None)
+
+    def _own(self, flat: torch.Tensor) -> torch.Tensor:
+        shard_numel = flat.numel() // self.world_size
+        return flat.narrow(0, self.rank * shard_numel, shard_numel)
+
+
+class ScatterGather(CommPlan):
+    """``reduce_scatter_tensor`` + in-place ``all_gather_into_tensor`` (NCCL, HCCL)."""
+
+    name = "scatter_gather"
+    reduce_needs_output = True
+
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+        assert shard_out is not None and shard_out.numel() * self.world_size == flat.numel()
+        self.counter.add("reduce_scatter", flat)
+        work = dist.reduce_scatter_tensor(shard_out, flat, op=dist.ReduceOp.SUM,
+                                          group=self.group, async_op=True)
+        return Pending([work], shard_out)
+
+    def gather(self, flat: torch.Tensor) -> Pending:
+        self.counter.add("all_gather", flat)
+        work = dist.all_gather_into_tensor(flat, self._own(flat), group=self.group, async_op=True)
+        return Pending([work], None)
+
+
+class AllReduceBroadcast(CommPlan):
+    """``all_reduce`` keeping the own slice + one ``broadcast`` per shard owner (gloo)."""
+
+    name = "allreduce_broadcast"
+
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+        self.counter.add("all_reduce", flat)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return Pending([work], self._own(flat))
+
+    def gather(self, flat: torch.Tensor) -> Pending:
+        self.counter.add("broadcast", flat)
+        shard_numel = flat.numel() // self.world_size
+        group = self.group if self.group is not None else dist.group.WORLD
+        works = [
+            dist.broadcast(flat.narrow(0, r * shard_numel, shard_numel),
+                           src=dist.get_global_rank(group, r), group=self.group, async_op=True)
+            for r in range(self.world_size)
+        ]
+        return Pending(works, None)
+
+
+_PLANS = {cls.name: cls for cls in (ScatterGather, AllReduceBroadcast)}
+COMM_PLANS = ("auto", "scatter_gather", "allreduce_broadcast")
+
+
+def _backend_for(group: ProcessGroup, device: torch.device) -> str:
+    backend = str(dist.get_backend(group))
+    # Multi-device default groups report e.g. "cpu:gloo,cuda:nccl".
+    for part in backend.split(","):
+        if ":" in part:
+            dev, name = part.split(":", 1)
+            if dev == device.type:
+                return name
+    return backend
+
+
+def choose_comm_plan(
+    group: ProcessGroup, device: torch.device, requested: str, counter: CommCounter
+) -> CommPlan:
+    """The collectives for ``group`` and tensors on ``device`` (see [Note: collective choice]).
+
+    ``group`` is None when torch.distributed is not initialized: a single rank, no comm.
+
+    Raises:
+        ValueError: ``requested`` is not one of ``COMM_PLANS``.
+    """
+    if requested not in COMM_PLANS:
+        raise ValueError(f"comm must be one of {COMM_PLANS}, got {requested!r}")
+    if group is None:
+        return CommPlan(None, 0, 1, counter)
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if world_size == 1:
+        return CommPlan(group, rank, world_size, counter)
+    name = requested
+    if name == "auto":
+        name = "allreduce_broadcast" if _backend_for(group, device) == "gloo" else "scatter_gather"
+    return _PLANS[name](group, rank, world_size, counter)
+
+
+def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Blocking in-place all-reduce of a small tensor (no-op without a group)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, group: ProcessGroup, src_rank: int = 0) -> torch.Tensor:
+    """Blocking in-place broadcast from group rank ``src_rank`` (no-op without a group)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group)
+    return tensor
+
+
+def any_rank(flag: bool, group: ProcessGroup, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank of ``group`` (a blocking MAX all-reduce)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)

@@ -1,0 +1,130 @@
+"""Test harness: run a function on N real gloo ranks (one process each) and collect results.
+
+[Note: rank harness]
+Every multi-rank test goes through :func:`run_ranks`. Ranks are forked from a forkserver
+that has imported torch once, so a rank starts in well under a second. Ranks rendezvous
+through a ``FileStore`` inside pytest's ``tmp_path`` (no ports, no races between tests),
+run with one intra-op thread each (2 cores here), and always destroy their process group.
+The parent enforces a hard timeout; the first failing rank's traceback is re-raised with
+its rank, and the remaining ranks (likely blocked in a collective) are killed.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import pytest
+import torch
+
+_CTX = mp.get_context("forkserver")
+# torch.optim.Optimizer.__init__ imports torch._dynamo lazily (~3 s): pay it once, in the server.
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.optim", "sharded_fused_adam"])
+
+
+class RankFailed(AssertionError):
+    """A rank raised: carries the rank's own traceback."""
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    store_path: str,
+    fn: Callable[..., Any],
+    args: tuple,
+    results: Any,
+    timeout_s: float,
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    try:
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        out = fn(rank, world_size, *args)
+        results.put(("ok", rank, out))
+    except BaseException:  # report everything, including assertion failures
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    tmp_path: Any,
+    timeout_s: float = 120.0,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+
+    ``fn`` must be a module-level function (it is pickled by reference).
+
+    Returns:
+        The per-rank return values, indexed by rank.
+
+    Raises:
+        RankFailed: a rank raised; the message holds that rank's traceback.
+        TimeoutError: the ranks did not all finish within ``timeout_s``.
+    """
+    store_path = os.path.join(str(tmp_path), f"store_{time.monotonic_ns()}")
+    results = _CTX.Queue()
+    procs = [
+        _CTX.Process(
+            target=_rank_main,
+            args=(rank, world_size, store_path, fn, args, results, timeout_s),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(outputs) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outputs))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+            try:
+                status, rank, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outputs]
+                if dead and all(not p.is_alive() for p in procs):
+                    raise RankFailed(f"ranks {dead} exited without reporting (exit codes "
+                                     f"{[procs[r].exitcode for r in dead]})")
+                continue
+            if status == "error":
+                raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
+            outputs[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(world_size)]
+
+
+@pytest.fixture
+def ranks(tmp_path):
+    """``ranks(fn, world_size, *args)`` runs ``fn`` on real gloo ranks (see [Note: rank harness])."""
+
+    def _run(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0):
+        return run_ranks(fn, world_size, *args, tmp_path=tmp_path, timeout_s=timeout_s)
+
+    return _run

@@ -1,0 +1,61 @@
+"""Collectives tested without a model: every plan sums into the owner's shard and gathers back."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sharded_fused_adam.comm import (AllReduceBroadcast, CommCounter, CommPlan, ScatterGather,
+                                     any_rank, broadcast_, choose_comm_plan)
+
+
+def _plan_rank(rank: int, world_size: int, requested: str, dtype: torch.dtype) -> dict:
+    counter = CommCounter()
+    plan = choose_comm_plan(dist.group.WORLD, torch.device("cpu"), requested, counter)
+    shard = 48
+    # small integers: exact in bf16 after summing over up to 4 ranks
+    flat = (torch.arange(shard * world_size) % 8).to(dtype) * (rank + 1)
+    out = torch.empty(shard, dtype=dtype) if plan.reduce_needs_output else None
+    summed = plan.reduce(flat, out).wait()
+    factor = world_size * (world_size + 1) // 2
+    expect = (torch.arange(rank * shard, (rank + 1) * shard) % 8).to(dtype) * factor
+    reduced_ok = torch.equal(summed, expect)
+    params = torch.zeros(shard * world_size, dtype=dtype)
+    params[rank * shard:(rank + 1) * shard] = rank + 1
+    plan.gather(params).wait()
+    gathered_ok = torch.equal(params, torch.arange(1, world_size + 1).to(dtype).repeat_interleave(shard))
+    return dict(name=plan.name, reduced=reduced_ok, gathered=gathered_ok, bytes=dict(counter.bytes_by_op))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("requested", ["auto", "scatter_gather", "allreduce_broadcast"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_reduce_then_gather(ranks, world_size, requested, dtype):
+    results = ranks(_plan_rank, world_size, requested, dtype)
+    expected_name = {"auto": "allreduce_broadcast"}.get(requested, requested) if world_size > 1 else "local"
+    nbytes = 48 * world_size * torch.empty((), dtype=dtype).element_size()
+    expected_bytes = {
+        "local": {},
+        "allreduce_broadcast": {"all_reduce": nbytes, "broadcast": nbytes},
+        "scatter_gather": {"reduce_scatter": nbytes, "all_gather": nbytes},
+    }[expected_name]
+    for r in results:
+        assert r == dict(name=expected_name, reduced=True, gathered=True, bytes=expected_bytes)
+
+
+def _small_collectives_rank(rank: int, world_size: int) -> tuple:
+    t = broadcast_(torch.tensor([rank + 10.0]), dist.group.WORLD)
+    return t.item(), any_rank(rank == world_size - 1, dist.group.WORLD, torch.device("cpu")), any_rank(
+        False, dist.group.WORLD, torch.device("cpu"))
+
+
+def test_broadcast_and_any_rank(ranks):
+    assert ranks(_small_collectives_rank, 3) == [(10.0, True, False)] * 3
+
+
+def test_no_process_group_means_a_local_plan():
+    plan = choose_comm_plan(None, torch.device("cpu"), "auto", CommCounter())
+    assert type(plan) is CommPlan and plan.world_size == 1
+    flat = torch.ones(16)
+    assert plan.reduce(flat, None).wait() is flat and plan.gather(flat).wait() is None
+    assert issubclass(ScatterGather, CommPlan) and issubclass(AllReduceBroadcast, CommPlan)
