@@ -18,6 +18,7 @@ from .comm import CommCounter, all_reduce_, choose_comm_plan
 from .flat_buffer import check_unmoved
 from .kernels import select_kernel
 from .layout import plan_buckets
+from .memory import MemoryReport, memory_report
 from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler,
                         read_stats)
 from .reducer import GradReducer
@@ -129,6 +130,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._warned_no_grads = False
         self.overflow = False
         self._global_grad_norm: Optional[float] = None
+        self.last_step_comm_bytes: dict[str, int] = {}
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
         self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap)
@@ -204,6 +206,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._gather_params(stats.has_grad)                   # 3. gather into the params
         self._pending_clips = []
         self._stats = {}
+        self.last_step_comm_bytes = dict(self.comm_counter.bytes_by_op)
+        self.comm_counter.reset()
         return loss
 
     def _loss_scale_for_step(self, grad_scaler: Any) -> float:
@@ -334,6 +338,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """Inside, backward accumulates into ``param.grad`` without communicating; the
         next backward outside (or ``step()``) reduces the sum once."""
         return self._reducer.no_sync()
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes this rank holds for params, gradient shards, masters, moments and comm buffers."""
+        return memory_report(self._buckets, self.world_size, self._reducer.comm_buffer_bytes())
 
     @torch.no_grad()
     def refresh_masters(self) -> None:

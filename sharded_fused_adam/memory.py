@@ -1,0 +1,63 @@
+"""What the optimizer holds on this rank, in bytes, next to the ZeRO formulas it should match."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .bucket import Bucket
+
+__all__ = ["MemoryReport", "memory_report"]
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held on one rank.
+
+    ``params``: the full flat param buffers (the model's own weights, padding included);
+    ``padding``: the part of ``params`` that belongs to no param; ``grad_shards``: this
+    rank's reduced gradient shards; ``master_shards``: fp32 masters (0 for fp32 models,
+    whose shard of the flat params is the master); ``moments``: exp_avg, exp_avg_sq and
+    max_exp_avg_sq shards; ``comm_buffers``: the pooled bucket buffers gradients are reduced in.
+    ``num_params`` is Ψ, the number of parameter elements.
+    """
+
+    num_params: int
+    world_size: int
+    params: int
+    padding: int
+    grad_shards: int
+    master_shards: int
+    moments: int
+    comm_buffers: int
+
+    @property
+    def optimizer_state(self) -> int:
+        """Masters and moments: the state a sharded optimizer exists to divide by the world size."""
+        return self.master_shards + self.moments
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grad_shards + self.optimizer_state + self.comm_buffers
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "optimizer_state": self.optimizer_state, "total": self.total}
+
+
+def memory_report(buckets: Sequence[Bucket], world_size: int, comm_buffer_bytes: int) -> MemoryReport:
+    """Add up what ``buckets`` hold on this rank (see ``MemoryReport``)."""
+    params = sum(_nbytes(b.buffer.flat) for b in buckets)
+    used = sum(b.layout.param_numel * b.buffer.flat.element_size() for b in buckets)
+    return MemoryReport(
+        num_params=sum(b.layout.param_numel for b in buckets),
+        world_size=world_size,
+        params=params,
+        padding=params - used,
+        grad_shards=sum(_nbytes(b.grad_shard) for b in buckets),
+        master_shards=sum(_nbytes(b.master) for b in buckets if b.is_low_precision),
+        moments=sum(_nbytes(b.exp_avg) + _nbytes(b.exp_avg_sq) + _nbytes(b.max_exp_avg_sq) for b in buckets),
+        comm_buffers=comm_buffer_bytes,
+    )
