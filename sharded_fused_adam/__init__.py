@@ -1,7 +1,9 @@
 """sharded_fused_adam: a ZeRO-style sharded fused Adam optimizer for NPU (HCCL), CUDA (NCCL) and CPU (gloo)."""
 from __future__ import annotations
 
+from .checkpoint import load_full, save_full
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
+from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
 
 __version__ = "0.1.0"
@@ -12,5 +14,11 @@ __all__ = [
     "LossScaler",
     "StaticLossScaler",
     "DynamicLossScaler",
+    "save_full",
+    "load_full",
+    "save_sharded",
+    "load_sharded",
+    "consolidate_sharded",
+    "CheckpointError",
     "__version__",
 ]

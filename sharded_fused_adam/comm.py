@@ -36,6 +36,7 @@ __all__ = [
     "all_reduce_",
     "broadcast_",
     "any_rank",
+    "barrier",
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -202,3 +203,9 @@ def any_rank(flag: bool, group: ProcessGroup, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item() > 0)
+
+
+def barrier(group: ProcessGroup, device: torch.device) -> None:
+    """Wait until every rank of ``group`` gets here (an all-reduce of one element, any backend)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(torch.zeros(1, device=device), group=group)

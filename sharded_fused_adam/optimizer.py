@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .bucket import Bucket
+from .checkpoint import apply_state_dict, gather_state_dict
 from .comm import CommCounter, all_reduce_, choose_comm_plan
 from .flat_buffer import check_unmoved
 from .kernels import select_kernel
@@ -263,6 +264,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if multiplier != 1.0:
             torch._foreach_mul_([b.grad_shard for b in self._buckets if b.grad_valid], multiplier)
         for bucket, mask in self._bucket_masks(has_grad):
+            if self.param_groups[bucket.group_index]["amsgrad"]:
+                bucket.ensure_amsgrad_buffer()  # on every rank, even one whose shard is all padding
             segments = bucket.segments_to_update(mask)
             if segments:
                 self._run_kernel(bucket, segments)
@@ -279,7 +282,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         amsgrad = bool(group["amsgrad"])
         self._kernel.adam_step(
             cut(bucket.master), cut(bucket.grad_shard), cut(bucket.exp_avg), cut(bucket.exp_avg_sq),
-            cut(bucket.ensure_amsgrad_buffer()) if amsgrad else [], [s for _, _, s in segments],
+            cut(bucket.max_exp_avg_sq) if amsgrad else [], [s for _, _, s in segments],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
             decoupled=bool(group["decoupled_weight_decay"]),
@@ -338,6 +341,28 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """Inside, backward accumulates into ``param.grad`` without communicating; the
         next backward outside (or ``step()``) reduces the sum once."""
         return self._reducer.no_sync()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, *, rank0_only: bool = False, offload_to_cpu: bool = True) -> dict[str, Any]:
+        """The full state in ``torch.optim.Adam``'s layout (see checkpoint.py). A collective.
+
+        Args:
+            rank0_only: return the dict on rank 0 only (``{}`` elsewhere).
+            offload_to_cpu: put the state tensors on the CPU (else on the params' device).
+        """
+        return gather_state_dict(self, rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
+
+        Not a collective: every rank reads the whole dict and keeps its own slices. Restores
+        hyperparameters per group like torch. Load the model's params first: fp16/bf16 params
+        without a saved ``master_param`` start their fp32 master from the current params.
+
+        Raises:
+            ValueError: the dict does not fit this optimizer (nothing is changed then).
+        """
+        apply_state_dict(self, state_dict)
 
     def memory_report(self) -> MemoryReport:
         """Bytes this rank holds for params, gradient shards, masters, moments and comm buffers."""

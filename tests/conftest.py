@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -53,7 +54,9 @@ def _rank_main(
             timeout=timedelta(seconds=timeout_s),
         )
         out = fn(rank, world_size, *args)
-        results.put(("ok", rank, out))
+        # Plain pickle copies tensor data; the queue's own pickler would share storage
+        # through file descriptors that vanish when this process exits.
+        results.put(("ok", rank, pickle.dumps(out)))
     except BaseException:  # report everything, including assertion failures
         results.put(("error", rank, traceback.format_exc()))
     finally:
@@ -109,7 +112,7 @@ def run_ranks(
                 continue
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
-            outputs[rank] = payload
+            outputs[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -1,0 +1,46 @@
+"""``sharded-fused-adam-checkpoint``: inspect a sharded checkpoint or consolidate it into one torch file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .sharded_checkpoint import _Reader, consolidate_sharded
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="sharded-fused-adam-checkpoint", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="print a sharded checkpoint's metadata")
+    inspect.add_argument("checkpoint", type=Path)
+    conv = sub.add_parser("consolidate", help="write one torch.optim.Adam-layout state dict file")
+    conv.add_argument("checkpoint", type=Path)
+    conv.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            reader = _Reader(args.checkpoint)
+            stepped = sum(1 for p in reader.meta["params"] if p["step"] > 0)
+            print(json.dumps({"version_dir": str(reader.folder), "world_size": reader.meta["world_size"],
+                              "params": len(reader.meta["params"]), "params_with_state": stepped,
+                              "param_groups": len(reader.common["param_groups"])}, indent=2))
+        else:
+            state = consolidate_sharded(args.checkpoint)
+            torch.save(state, args.output)
+            print(f"wrote {args.output}: {len(state['state'])} param states, "
+                  f"{len(state['param_groups'])} param groups")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
