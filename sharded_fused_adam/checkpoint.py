@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from .comm import barrier
 from .validation import check_hyperparameters
 
 if TYPE_CHECKING:
@@ -193,7 +192,7 @@ def save_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    barrier(opt.process_group, opt.device)
+    opt._plan.barrier(opt.device)
 
 
 def load_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:

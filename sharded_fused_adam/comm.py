@@ -33,10 +33,6 @@ __all__ = [
     "CommCounter",
     "choose_comm_plan",
     "COMM_PLANS",
-    "all_reduce_",
-    "broadcast_",
-    "any_rank",
-    "barrier",
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -83,12 +79,45 @@ class CommPlan:
     plan, which moves nothing.
     """
 
-    group: ProcessGroup
+    group: ProcessGroup  # None means the default group (never a strong ref to it: see below)
     rank: int
     world_size: int
     counter: CommCounter
     name = "local"
     reduce_needs_output = False  # whether ``reduce`` writes into a separate shard-sized buffer
+
+    # Holding dist.group.WORLD itself would keep a destroyed group alive until interpreter
+    # exit, where tearing down gloo's threads aborts the process; torch reads group=None as
+    # the default group, so that is what we keep for it.
+
+    def _src(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, group_rank)
+
+    # Small blocking collectives for per-step scalars and coordination (no-ops on one rank).
+    def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce of a small tensor."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
+        """In-place broadcast from group rank ``src_rank``."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=self._src(src_rank), group=self.group)
+        return tensor
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any rank (a MAX all-reduce)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def barrier(self, device: torch.device) -> None:
+        """Wait for every rank (an all-reduce of one element: works on every backend)."""
+        if self.world_size > 1:
+            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
 
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
         """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard."""
@@ -135,10 +164,9 @@ class AllReduceBroadcast(CommPlan):
     def gather(self, flat: torch.Tensor) -> Pending:
         self.counter.add("broadcast", flat)
         shard_numel = flat.numel() // self.world_size
-        group = self.group if self.group is not None else dist.group.WORLD
         works = [
-            dist.broadcast(flat.narrow(0, r * shard_numel, shard_numel),
-                           src=dist.get_global_rank(group, r), group=self.group, async_op=True)
+            dist.broadcast(flat.narrow(0, r * shard_numel, shard_numel), src=self._src(r),
+                           group=self.group, async_op=True)
             for r in range(self.world_size)
         ]
         return Pending(works, None)
@@ -164,15 +192,18 @@ def choose_comm_plan(
 ) -> CommPlan:
     """The collectives for ``group`` and tensors on ``device`` (see [Note: collective choice]).
 
-    ``group`` is None when torch.distributed is not initialized: a single rank, no comm.
+    ``group=None`` means the default group if torch.distributed is initialized, else a
+    single rank with no communication at all.
 
     Raises:
         ValueError: ``requested`` is not one of ``COMM_PLANS``.
     """
     if requested not in COMM_PLANS:
         raise ValueError(f"comm must be one of {COMM_PLANS}, got {requested!r}")
-    if group is None:
+    if group is None and not (dist.is_available() and dist.is_initialized()):
         return CommPlan(None, 0, 1, counter)
+    if group is dist.group.WORLD:
+        group = None
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if world_size == 1:
         return CommPlan(group, rank, world_size, counter)
@@ -180,32 +211,3 @@ def choose_comm_plan(
     if name == "auto":
         name = "allreduce_broadcast" if _backend_for(group, device) == "gloo" else "scatter_gather"
     return _PLANS[name](group, rank, world_size, counter)
-
-
-def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """Blocking in-place all-reduce of a small tensor (no-op without a group)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
-
-
-def broadcast_(tensor: torch.Tensor, group: ProcessGroup, src_rank: int = 0) -> torch.Tensor:
-    """Blocking in-place broadcast from group rank ``src_rank`` (no-op without a group)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group)
-    return tensor
-
-
-def any_rank(flag: bool, group: ProcessGroup, device: torch.device) -> bool:
-    """Whether ``flag`` is true on any rank of ``group`` (a blocking MAX all-reduce)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item() > 0)
-
-
-def barrier(group: ProcessGroup, device: torch.device) -> None:
-    """Wait until every rank of ``group`` gets here (an all-reduce of one element, any backend)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(torch.zeros(1, device=device), group=group)

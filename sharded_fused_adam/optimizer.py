@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .bucket import Bucket
 from .checkpoint import apply_state_dict, gather_state_dict
-from .comm import CommCounter, all_reduce_, choose_comm_plan
+from .comm import CommCounter, choose_comm_plan
 from .flat_buffer import check_unmoved
 from .kernels import select_kernel
 from .layout import plan_buckets
@@ -26,14 +26,6 @@ from .reducer import GradReducer
 from .validation import check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
-
-
-def _default_group(process_group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
 
 
 class ShardedFusedAdam(torch.optim.Optimizer):
@@ -117,12 +109,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if not self._taken:
             raise ValueError("params is empty: every param group has an empty 'params' list")
-        self.process_group = _default_group(process_group)
-        self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
-        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
         self.device = self._taken["device"][0]
         self.comm_counter = CommCounter()
-        self._plan = choose_comm_plan(self.process_group, self.device, comm, self.comm_counter)
+        self._plan = choose_comm_plan(process_group, self.device, comm, self.comm_counter)
+        self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._kernel = select_kernel(kernel, self.device)
         self._max_grad_norm = max_grad_norm
         self._loss_scaler = make_loss_scaler(loss_scale)
@@ -135,6 +125,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
         self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap)
+
+    @property
+    def process_group(self) -> Optional[dist.ProcessGroup]:
+        """The data-parallel group (None for a single rank without torch.distributed)."""
+        if self._plan.group is not None:
+            return self._plan.group
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
     # ---- param groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -236,7 +233,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             flags = [flag for b in self._buckets for flag in b.has_grad]
             local = local_stats(shards, flags, norm_type, self.device)
             op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
-            self._stats[norm_type] = read_stats(all_reduce_(local, self.process_group, op), norm_type)
+            self._stats[norm_type] = read_stats(self._plan.all_reduce_(local, op), norm_type)
         return self._stats[norm_type]
 
     def _clip_coefficient(self, loss_scale: float) -> float:

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .bucket import LOW_PRECISION, Bucket
-from .comm import CommPlan, Pending, any_rank, broadcast_
+from .comm import CommPlan, Pending
 
 __all__ = ["GradReducer"]
 
@@ -165,7 +165,7 @@ class GradReducer:
         seen = list(dict.fromkeys(self._arrivals))
         local = seen + [b for b in range(n) if b not in seen]
         order = torch.tensor(local, dtype=torch.int64, device=self._buckets[0].master.device)
-        return broadcast_(order, self._plan.group).tolist()
+        return self._plan.broadcast_(order).tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
     def _acquire(self, b: int) -> _CommBuffer:
@@ -253,7 +253,7 @@ class GradReducer:
         if self._reduced_since_finish:
             flush = leftover
         else:
-            flush = any_rank(leftover, self._plan.group, device)
+            flush = self._plan.any_rank(leftover, device)
         if flush:
             self._flush()
         changed = flush or bool(self._inflight)

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sharded_fused_adam.comm import (AllReduceBroadcast, CommCounter, CommPlan, ScatterGather,
-                                     any_rank, broadcast_, choose_comm_plan)
+from sharded_fused_adam.comm import AllReduceBroadcast, CommCounter, CommPlan, ScatterGather, choose_comm_plan
 
 
 def _plan_rank(rank: int, world_size: int, requested: str, dtype: torch.dtype) -> dict:
@@ -44,13 +43,17 @@ def test_reduce_then_gather(ranks, world_size, requested, dtype):
 
 
 def _small_collectives_rank(rank: int, world_size: int) -> tuple:
-    t = broadcast_(torch.tensor([rank + 10.0]), dist.group.WORLD)
-    return t.item(), any_rank(rank == world_size - 1, dist.group.WORLD, torch.device("cpu")), any_rank(
-        False, dist.group.WORLD, torch.device("cpu"))
+    plan = choose_comm_plan(None, torch.device("cpu"), "auto", CommCounter())
+    cpu = torch.device("cpu")
+    t = plan.broadcast_(torch.tensor([rank + 10.0]))
+    total = plan.all_reduce_(torch.tensor([1.0]))
+    plan.barrier(cpu)
+    return t.item(), total.item(), plan.any_rank(rank == world_size - 1, cpu), plan.any_rank(False, cpu), plan.group
 
 
-def test_broadcast_and_any_rank(ranks):
-    assert ranks(_small_collectives_rank, 3) == [(10.0, True, False)] * 3
+def test_small_collectives(ranks):
+    # The default group is kept as None (torch's spelling of it), never as an object.
+    assert ranks(_small_collectives_rank, 3) == [(10.0, 3.0, True, False, None)] * 3
 
 
 def test_no_process_group_means_a_local_plan():
