@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .checkpoint import load_full, save_full
+from .failures import CollectiveError
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
 from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
@@ -20,5 +21,6 @@ __all__ = [
     "load_sharded",
     "consolidate_sharded",
     "CheckpointError",
+    "CollectiveError",
     "__version__",
 ]

@@ -74,7 +74,7 @@ def gather_state_dict(opt: ShardedFusedAdam, *, rank0_only: bool, offload_to_cpu
             full = torch.zeros(bucket.layout.padded_numel, dtype=shard.dtype, device=shard.device)
             start, end = bucket.layout.shard_range(opt.rank)
             full.narrow(0, start, end - start).copy_(shard)
-            opt._plan.gather(full).wait()
+            opt._plan.gather(full, f"{key} of bucket {opt._buckets.index(bucket)} for state_dict()").wait()
             if not keep:
                 continue
             for slot, s in stepped:
@@ -192,7 +192,7 @@ def save_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    opt._plan.barrier(opt.device)
+    opt._plan.barrier(opt.device, "barrier after save_full")
 
 
 def load_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:

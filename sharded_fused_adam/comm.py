@@ -1,4 +1,4 @@
-"""The only module that issues collectives; every function takes the process group explicitly.
+"""The only module that issues collectives; a ``CommPlan`` holds the process group and issues them.
 
 [Note: collective choice]
 A ZeRO step needs the sum of every rank's gradient on the rank that owns each shard, and
@@ -19,11 +19,15 @@ exact for power-of-two world sizes and sidesteps HCCL's emulated AVG (SUM then d
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .failures import CollectiveError, collective_error
 
 __all__ = [
     "Pending",
@@ -33,32 +37,51 @@ __all__ = [
     "CommCounter",
     "choose_comm_plan",
     "COMM_PLANS",
+    "CollectiveError",
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
 
 
 class Pending:
-    """An in-flight collective; ``wait()`` returns the tensor holding the result."""
+    """An in-flight collective; ``wait()`` returns the tensor holding the result.
 
-    __slots__ = ("_works", "_result")
+    A failure or a timeout while waiting becomes a ``CollectiveError`` naming the
+    collective and the ranks that never joined it (see [Note: naming the missing rank]).
+    """
 
-    def __init__(self, works: Sequence[dist.Work], result: torch.Tensor | None):
+    __slots__ = ("_works", "_result", "_plan", "_what", "_seq", "_started")
+
+    def __init__(self, works: Sequence[dist.Work], result: torch.Tensor | None,
+                 plan: "CommPlan | None" = None, what: str = "", seq: int = 0):
         self._works = list(works)
         self._result = result
+        self._plan, self._what, self._seq = plan, what, seq
+        self._started = time.monotonic()
 
     def wait(self) -> torch.Tensor | None:
-        for work in self._works:
-            work.wait()
+        try:
+            for work in self._works:
+                if self._plan is not None and self._plan.timeout is not None:
+                    work.wait(self._plan.timeout)
+                else:
+                    work.wait()
+        except RuntimeError as exc:
+            plan = self._plan
+            timeout_s = plan.timeout.total_seconds() if plan.timeout is not None else None
+            raise collective_error(self._what, self._seq, plan.rank, plan.world_size, timeout_s,
+                                   self._started, exc) from exc
         self._works = []
         return self._result
 
 
 @dataclass
 class CommCounter:
-    """Bytes handed to each kind of collective since the last ``reset`` (payload, not wire bytes)."""
+    """Bytes handed to each kind of collective since the last ``reset`` (payload, not wire
+    bytes), and the running count of collectives issued (the same on every rank)."""
 
     bytes_by_op: dict = field(default_factory=dict)
+    issued: int = 0
 
     def add(self, op: str, tensor: torch.Tensor) -> None:
         self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + tensor.numel() * tensor.element_size()
@@ -76,13 +99,14 @@ class CommPlan:
     """How gradients reach shard owners (``reduce``) and shards reach every rank (``gather``).
 
     Subclasses are the strategies of [Note: collective choice]; this base is the single-rank
-    plan, which moves nothing.
+    plan, which moves nothing. ``timeout`` bounds every wait (None: the group's timeout).
     """
 
     group: ProcessGroup  # None means the default group (never a strong ref to it: see below)
     rank: int
     world_size: int
     counter: CommCounter
+    timeout: Optional[timedelta] = None
     name = "local"
     reduce_needs_output = False  # whether ``reduce`` writes into a separate shard-sized buffer
 
@@ -93,37 +117,50 @@ class CommPlan:
     def _src(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, group_rank)
 
+    def _issue(self, what: str, launch: Callable[[], Sequence[dist.Work]], result: torch.Tensor | None) -> Pending:
+        """Start one logical collective (one or more works) under a sequence number."""
+        self.counter.issued += 1
+        seq, started = self.counter.issued, time.monotonic()
+        try:
+            works = launch()
+        except RuntimeError as exc:
+            timeout_s = self.timeout.total_seconds() if self.timeout is not None else None
+            raise collective_error(what, seq, self.rank, self.world_size, timeout_s, started, exc) from exc
+        return Pending(works, result, self, what, seq)
+
     # Small blocking collectives for per-step scalars and coordination (no-ops on one rank).
-    def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
+                    what: str = "all-reduce of step statistics") -> torch.Tensor:
         """In-place all-reduce of a small tensor."""
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=op, group=self.group)
+            self._issue(what, lambda: [dist.all_reduce(tensor, op=op, group=self.group, async_op=True)],
+                        tensor).wait()
         return tensor
 
-    def broadcast_(self, tensor: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
+    def broadcast_(self, tensor: torch.Tensor, src_rank: int = 0, what: str = "broadcast") -> torch.Tensor:
         """In-place broadcast from group rank ``src_rank``."""
         if self.world_size > 1:
-            dist.broadcast(tensor, src=self._src(src_rank), group=self.group)
+            self._issue(what, lambda: [dist.broadcast(tensor, src=self._src(src_rank), group=self.group,
+                                                      async_op=True)], tensor).wait()
         return tensor
 
-    def any_rank(self, flag: bool, device: torch.device) -> bool:
+    def any_rank(self, flag: bool, device: torch.device, what: str = "agreement on pending gradients") -> bool:
         """Whether ``flag`` is true on any rank (a MAX all-reduce)."""
         if self.world_size == 1:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() > 0)
+        return bool(self.all_reduce_(t, dist.ReduceOp.MAX, what).item() > 0)
 
-    def barrier(self, device: torch.device) -> None:
+    def barrier(self, device: torch.device, what: str = "barrier") -> None:
         """Wait for every rank (an all-reduce of one element: works on every backend)."""
         if self.world_size > 1:
-            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+            self.all_reduce_(torch.zeros(1, device=device), what=what)
 
-    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard."""
         return Pending([], flat)
 
-    def gather(self, flat: torch.Tensor) -> Pending:
+    def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         """Start filling every rank's copy of ``flat`` with each owner's shard."""
         return Pending([], None)
 
@@ -132,23 +169,26 @@ class CommPlan:
         return flat.narrow(0, self.rank * shard_numel, shard_numel)
 
 
+def _mb(t: torch.Tensor) -> str:
+    return f"{t.numel() * t.element_size() / 2**20:.1f} MiB"
+
+
 class ScatterGather(CommPlan):
     """``reduce_scatter_tensor`` + in-place ``all_gather_into_tensor`` (NCCL, HCCL)."""
 
     name = "scatter_gather"
     reduce_needs_output = True
 
-    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         assert shard_out is not None and shard_out.numel() * self.world_size == flat.numel()
         self.counter.add("reduce_scatter", flat)
-        work = dist.reduce_scatter_tensor(shard_out, flat, op=dist.ReduceOp.SUM,
-                                          group=self.group, async_op=True)
-        return Pending([work], shard_out)
+        return self._issue(f"reduce_scatter of {what} ({_mb(flat)})", lambda: [dist.reduce_scatter_tensor(
+            shard_out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], shard_out)
 
-    def gather(self, flat: torch.Tensor) -> Pending:
+    def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         self.counter.add("all_gather", flat)
-        work = dist.all_gather_into_tensor(flat, self._own(flat), group=self.group, async_op=True)
-        return Pending([work], None)
+        return self._issue(f"all_gather of {what} ({_mb(flat)})", lambda: [dist.all_gather_into_tensor(
+            flat, self._own(flat), group=self.group, async_op=True)], None)
 
 
 class AllReduceBroadcast(CommPlan):
@@ -156,20 +196,20 @@ class AllReduceBroadcast(CommPlan):
 
     name = "allreduce_broadcast"
 
-    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None) -> Pending:
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         self.counter.add("all_reduce", flat)
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return Pending([work], self._own(flat))
+        return self._issue(f"all_reduce of {what} ({_mb(flat)})", lambda: [dist.all_reduce(
+            flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], self._own(flat))
 
-    def gather(self, flat: torch.Tensor) -> Pending:
+    def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         self.counter.add("broadcast", flat)
         shard_numel = flat.numel() // self.world_size
-        works = [
-            dist.broadcast(flat.narrow(0, r * shard_numel, shard_numel), src=self._src(r),
-                           group=self.group, async_op=True)
-            for r in range(self.world_size)
-        ]
-        return Pending(works, None)
+
+        def launch() -> list[dist.Work]:
+            return [dist.broadcast(flat.narrow(0, r * shard_numel, shard_numel), src=self._src(r),
+                                   group=self.group, async_op=True) for r in range(self.world_size)]
+
+        return self._issue(f"broadcasts of {what} ({_mb(flat)})", launch, None)
 
 
 _PLANS = {cls.name: cls for cls in (ScatterGather, AllReduceBroadcast)}
@@ -188,7 +228,8 @@ def _backend_for(group: ProcessGroup, device: torch.device) -> str:
 
 
 def choose_comm_plan(
-    group: ProcessGroup, device: torch.device, requested: str, counter: CommCounter
+    group: ProcessGroup, device: torch.device, requested: str, counter: CommCounter,
+    timeout: Optional[timedelta] = None,
 ) -> CommPlan:
     """The collectives for ``group`` and tensors on ``device`` (see [Note: collective choice]).
 
@@ -206,8 +247,8 @@ def choose_comm_plan(
         group = None
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if world_size == 1:
-        return CommPlan(group, rank, world_size, counter)
+        return CommPlan(group, rank, world_size, counter, timeout)
     name = requested
     if name == "auto":
         name = "allreduce_broadcast" if _backend_for(group, device) == "gloo" else "scatter_gather"
-    return _PLANS[name](group, rank, world_size, counter)
+    return _PLANS[name](group, rank, world_size, counter, timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -59,6 +60,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
         loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
             ``backward(loss)`` and removed inside ``step()``.
+        collective_timeout: seconds any of this optimizer's collectives may wait before a
+            ``CollectiveError`` names the ranks that never joined (None: the process group's
+            timeout, 30 min by default for gloo).
 
     Raises:
         ValueError: a hyperparameter out of range, empty params, a duplicated, aliased,
@@ -86,6 +90,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         comm: str = "auto",
         max_grad_norm: Optional[float] = None,
         loss_scale: Union[None, float, str, LossScaler] = None,
+        collective_timeout: Optional[float] = None,
     ):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
@@ -100,6 +105,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if collective_timeout is not None and not collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds or None, got {collective_timeout}")
         if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"reduce_dtype must be torch.float32, bfloat16 or float16, got {reduce_dtype}")
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
@@ -111,7 +118,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             raise ValueError("params is empty: every param group has an empty 'params' list")
         self.device = self._taken["device"][0]
         self.comm_counter = CommCounter()
-        self._plan = choose_comm_plan(process_group, self.device, comm, self.comm_counter)
+        timeout = timedelta(seconds=collective_timeout) if collective_timeout is not None else None
+        self._plan = choose_comm_plan(process_group, self.device, comm, self.comm_counter, timeout)
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._kernel = select_kernel(kernel, self.device)
         self._max_grad_norm = max_grad_norm
@@ -286,8 +294,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         )
 
     def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
-        pending = [self._plan.gather(bucket.buffer.flat)
-                   for bucket, mask in self._bucket_masks(has_grad) if any(mask)]
+        pending = [self._plan.gather(bucket.buffer.flat, f"params of bucket {b}")
+                   for b, (bucket, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
         for p in pending:
             p.wait()
 

@@ -32,9 +32,9 @@ __all__ = ["GradReducer"]
 class _CommBuffer:
     __slots__ = ("tensor", "owner")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, owner: int = -1):
         self.tensor = tensor
-        self.owner = -1  # bucket whose gaps are known to be zero
+        self.owner = owner  # bucket whose gaps are known to be zero
 
 
 def _hook(reducer_ref: weakref.ref, param: torch.Tensor) -> None:
@@ -111,6 +111,10 @@ class GradReducer:
     def comm_dtype(self, bucket: Bucket) -> torch.dtype:
         return self._reduce_dtype if bucket.buffer.dtype in LOW_PRECISION else bucket.buffer.dtype
 
+    def _in_place(self, bucket: Bucket) -> bool:
+        # One rank has nothing to reduce: gradients land in the shard (the whole bucket) directly.
+        return self._plan.world_size == 1 and self.comm_dtype(bucket) == bucket.grad_shard.dtype
+
     def _predivide(self, bucket: Bucket) -> bool:
         # An fp16 sum over ranks can overflow where the average would not: divide first.
         return self.comm_dtype(bucket) == torch.float16 and self._plan.world_size > 1
@@ -165,13 +169,15 @@ class GradReducer:
         seen = list(dict.fromkeys(self._arrivals))
         local = seen + [b for b in range(n) if b not in seen]
         order = torch.tensor(local, dtype=torch.int64, device=self._buckets[0].master.device)
-        return self._plan.broadcast_(order).tolist()
+        return self._plan.broadcast_(order, what="broadcast of the bucket order").tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
     def _acquire(self, b: int) -> _CommBuffer:
+        bucket = self._buckets[b]
+        if self._in_place(bucket):
+            return _CommBuffer(bucket.grad_shard, owner=b)
         while len(self._inflight) >= self._max_inflight:
             self._complete_oldest()
-        bucket = self._buckets[b]
         dtype = self.comm_dtype(bucket)
         pool = self._pool.setdefault(dtype, [])
         need = bucket.layout.padded_numel
@@ -199,7 +205,11 @@ class GradReducer:
             raise RuntimeError(f"{bucket.buffer.names[slot]} has a sparse gradient; ShardedFusedAdam "
                                "needs dense gradients (e.g. nn.Embedding(sparse=False))")
         s = bucket.layout.slots[slot]
-        dst = cb.tensor.narrow(0, s.offset, s.numel).view(grad.shape).copy_(grad)
+        dst = cb.tensor.narrow(0, s.offset, s.numel).view(grad.shape)
+        if self._in_place(bucket) and bucket.grad_valid:
+            dst.add_(grad)
+        else:
+            dst.copy_(grad)
         if self._predivide(bucket):
             dst.div_(self._plan.world_size)
         p.grad = None
@@ -213,14 +223,19 @@ class GradReducer:
             if p.grad is not None and not self._filled[b][slot]:
                 self._copy_in(b, slot)
         cb = self._fill_buffer[b] or self._acquire(b)
-        flat = cb.tensor.narrow(0, 0, bucket.layout.padded_numel)
-        for slot, s in enumerate(bucket.layout.slots):
-            if not self._filled[b][slot]:
-                flat.narrow(0, s.offset, s.numel).zero_()
-        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._plan.reduce_needs_output else None
-        self._inflight.append((b, self._plan.reduce(flat, out), cb))
         self._fill_buffer[b] = None
         self._launched[b] = True
+        in_place = self._in_place(bucket)
+        flat = cb.tensor.narrow(0, 0, bucket.layout.padded_numel)
+        if not (in_place and bucket.grad_valid):  # an accumulating shard keeps what absent params had
+            for slot, s in enumerate(bucket.layout.slots):
+                if not self._filled[b][slot]:
+                    flat.narrow(0, s.offset, s.numel).zero_()
+        if in_place:
+            bucket.grad_valid = True
+            return
+        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._plan.reduce_needs_output else None
+        self._inflight.append((b, self._plan.reduce(flat, out, f"gradients of bucket {b}"), cb))
 
     def _complete_oldest(self) -> None:
         b, pending, cb = self._inflight.popleft()

@@ -86,11 +86,11 @@ def save_sharded(opt: ShardedFusedAdam, path: PathLike, *, keep_last: int = 1) -
         for stale in path.glob("v*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
     version_t = torch.tensor([_latest_version(path) + 1 if opt.rank == 0 else 0], device=opt.device)
-    version = int(opt._plan.broadcast_(version_t).item())
+    version = int(opt._plan.broadcast_(version_t, what="broadcast of the checkpoint version").item())
     tmp = path / f"v{version:08d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     _write_rank_files(opt, tmp)
-    opt._plan.barrier(opt.device)
+    opt._plan.barrier(opt.device, "barrier after writing the shard files")
     final = path / f"v{version:08d}"
     if opt.rank == 0:
         _write_common(opt, tmp)
@@ -101,7 +101,7 @@ def save_sharded(opt: ShardedFusedAdam, path: PathLike, *, keep_last: int = 1) -
         versions = sorted(p for p in path.glob("v*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in versions[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    opt._plan.barrier(opt.device)
+    opt._plan.barrier(opt.device, "barrier after committing the checkpoint")
     return final
 
 

@@ -1,0 +1,69 @@
+"""What to say when a collective fails: which ranks never reached it, found through the store.
+
+[Note: naming the missing rank]
+A collective that a dead or stuck peer never joins fails on the survivors with a transport
+error ("Connection reset by peer") or, once ``collective_timeout`` (else the process
+group's timeout) has passed, "Operation timed out". Neither names the peer. Every
+collective carries a sequence number, identical on all ranks because they issue
+collectives in the same order. On failure a survivor records "I reached collective #seq"
+in the rendezvous store (the one torch.distributed was initialized with, which outlives a
+crashed worker under torchrun and our harness) and gives the others a few seconds to do
+the same; the ranks whose key never appears are the ones named as missing. Nothing is
+written to the store while training runs normally.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+__all__ = ["CollectiveError", "missing_ranks", "PROBE_SECONDS"]
+
+PROBE_SECONDS = 5.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names it and the ranks that never joined."""
+
+
+def _store() -> Optional[dist.Store]:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def missing_ranks(seq: int, rank: int, world_size: int, probe_s: float = PROBE_SECONDS) -> Optional[list[int]]:
+    """Ranks of the group that did not reach collective ``seq`` within ``probe_s``; None if unknowable."""
+    store = _store()
+    if store is None:
+        return None
+    prefix = f"sharded_fused_adam/reached/{seq}/"
+    try:
+        store.set(prefix + str(rank), "1")
+        deadline = time.monotonic() + probe_s
+        while True:
+            missing = [r for r in range(world_size) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.05)
+    except (RuntimeError, ValueError):  # the store itself is gone (its host died)
+        return None
+
+
+def collective_error(what: str, seq: int, rank: int, world_size: int, timeout_s: Optional[float],
+                     started: float, cause: BaseException) -> CollectiveError:
+    """Build the error for collective ``seq`` (``what``) that failed on ``rank``."""
+    elapsed = time.monotonic() - started
+    missing = missing_ranks(seq, rank, world_size)
+    if missing is None:
+        who = "could not tell which rank is missing (the rendezvous store is unreachable too)"
+    elif missing:
+        who = f"rank(s) {missing} never reached it: they died or are stuck elsewhere"
+    else:
+        who = "every rank reached it, so the transport itself failed"
+    limit = (f"collective_timeout={timeout_s:g} s" if timeout_s is not None
+             else "the process group's timeout (set ShardedFusedAdam(collective_timeout=...) to bound it)")
+    return CollectiveError(f"{what} (collective #{seq}) failed on rank {rank} of {world_size} after "
+                           f"{elapsed:.1f} s; {who}. Waiting is bounded by {limit}. Cause: {cause}")
