@@ -204,6 +204,9 @@ class GradReducer:
         if grad.is_sparse:
             raise RuntimeError(f"{bucket.buffer.names[slot]} has a sparse gradient; ShardedFusedAdam "
                                "needs dense gradients (e.g. nn.Embedding(sparse=False))")
+        if grad.shape != p.shape or grad.dtype != p.dtype:
+            raise RuntimeError(f"{bucket.buffer.names[slot]} has a gradient of shape {tuple(grad.shape)} and "
+                               f"dtype {grad.dtype}; the param has shape {tuple(p.shape)} and dtype {p.dtype}")
         s = bucket.layout.slots[slot]
         dst = cb.tensor.narrow(0, s.offset, s.numel).view(grad.shape)
         if self._in_place(bucket) and bucket.grad_valid:

@@ -25,6 +25,9 @@ CONFIGS = {
     "adamw_two_groups": dict(opt_kwargs=dict(lr=5e-3, weight_decay=0.1, adamw=True), groups="two"),
     "tiny_buckets_no_overlap": dict(opt_kwargs=dict(lr=1e-2),
                                     sharded_kwargs=dict(bucket_cap_mb=1e-6, overlap=False)),
+    "one_param_per_bucket_overlap": dict(opt_kwargs=dict(lr=1e-2, weight_decay=0.1),
+                                         sharded_kwargs=dict(bucket_cap_mb=1e-6, overlap=True)),
+    "mid_buckets_overlap": dict(opt_kwargs=dict(lr=1e-2), sharded_kwargs=dict(bucket_cap_mb=2e-3)),
     "scatter_gather_tiny_buckets": dict(opt_kwargs=dict(lr=1e-2, amsgrad=True),
                                         sharded_kwargs=dict(bucket_cap_mb=2e-4, comm="scatter_gather")),
 }

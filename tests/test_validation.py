@@ -96,3 +96,18 @@ def test_sparse_gradients_are_rejected_with_the_param_name():
     with pytest.raises(RuntimeError, match="param 'weight' has a sparse gradient"):
         emb(torch.tensor([1, 2])).sum().backward()
         opt.step()
+
+
+@pytest.mark.parametrize("bad_grad,message", [
+    (torch.zeros(5), r"gradient of shape \(5,\) and dtype torch.float32; the param has shape \(3, 4\)"),
+    (torch.zeros(3, 4, dtype=torch.float64), "dtype torch.float64; the param has shape .* dtype torch.float32"),
+])
+def test_a_gradient_that_does_not_match_its_param_is_refused_untouched(bad_grad, message):
+    p = _p(3, 4)
+    opt = ShardedFusedAdam([("w", p)], lr=0.1)
+    before = p.detach().clone()
+    p.grad = torch.zeros(3, 4)
+    p.grad.data = bad_grad  # torch checks p.grad = ..., but not a rebinding of .data
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert torch.equal(p.detach(), before)
