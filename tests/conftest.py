@@ -31,6 +31,15 @@ class RankFailed(AssertionError):
     """A rank raised: carries the rank's own traceback."""
 
 
+def _set_device(device_type: str, rank: int) -> None:
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    elif device_type == "npu":
+        import torch_npu  # noqa: F401  (only on Ascend machines)
+
+        torch.npu.set_device(rank)
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -39,6 +48,7 @@ def _rank_main(
     args: tuple,
     results: Any,
     timeout_s: float,
+    device_type: str,
 ) -> None:
     import torch.distributed as dist
 
@@ -46,8 +56,9 @@ def _rank_main(
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     try:
+        _set_device(device_type, rank)  # HCCL/NCCL bind to the current device: before init
         dist.init_process_group(
-            "gloo",
+            BACKENDS[device_type],
             store=store,
             rank=rank,
             world_size=world_size,
@@ -64,14 +75,18 @@ def _rank_main(
             dist.destroy_process_group()
 
 
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
     tmp_path: Any,
     timeout_s: float = 120.0,
+    device_type: str = "cpu",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo; nccl/hccl with a device).
 
     ``fn`` must be a module-level function (it is pickled by reference).
 
@@ -87,7 +102,7 @@ def run_ranks(
     procs = [
         _CTX.Process(
             target=_rank_main,
-            args=(rank, world_size, store_path, fn, args, results, timeout_s),
+            args=(rank, world_size, store_path, fn, args, results, timeout_s, device_type),
             daemon=True,
         )
         for rank in range(world_size)
@@ -129,5 +144,50 @@ def ranks(tmp_path):
 
     def _run(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0):
         return run_ranks(fn, world_size, *args, tmp_path=tmp_path, timeout_s=timeout_s)
+
+    return _run
+
+
+# ---- device selection (see tests/test_device.py) -------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=sorted(BACKENDS), default=os.environ.get("SFA_TEST_DEVICE", "cpu"),
+                     help="device for tests/test_device.py (env SFA_TEST_DEVICE): cpu+gloo (default), "
+                          "cuda+nccl or npu+hccl, one rank per local device")
+
+
+def _device_count(device_type: str) -> tuple[int, str]:
+    """Local devices of ``device_type`` and, if none, why not."""
+    if device_type == "cpu":
+        return 2, ""
+    if device_type == "cuda":
+        return (torch.cuda.device_count(), "torch.cuda.is_available() is False") if torch.cuda.is_available() \
+            else (0, "torch.cuda.is_available() is False")
+    try:
+        import torch_npu  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as exc:
+        return 0, f"torch_npu cannot be imported ({exc})"
+    return (torch.npu.device_count(), "no NPU is visible") if torch.npu.is_available() else (0, "no NPU is visible")
+
+
+@pytest.fixture(scope="session")
+def device_type(request) -> str:
+    """The device the device tests run on; they fail (not skip) if it was asked for and is absent."""
+    kind = request.config.getoption("--device")
+    count, why = _device_count(kind)
+    if count == 0:
+        pytest.fail(f"--device {kind} was requested but {why}", pytrace=False)
+    return kind
+
+
+@pytest.fixture
+def device_ranks(tmp_path, device_type):
+    """``device_ranks(fn, *args)`` runs ``fn(rank, world_size, device_type, *args)`` on one rank
+    per local device (2 gloo ranks on CPU)."""
+    world_size = _device_count(device_type)[0]
+
+    def _run(fn: Callable[..., Any], *args: Any, timeout_s: float = 180.0):
+        return run_ranks(fn, world_size, device_type, *args, tmp_path=tmp_path, timeout_s=timeout_s,
+                         device_type=device_type)
 
     return _run

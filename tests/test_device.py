@@ -1,0 +1,191 @@
+"""The optimizer on the device chosen with ``--device`` (cpu by default, cuda+nccl, npu+hccl).
+
+One rank per local device (2 gloo ranks on CPU). Every test here runs in the default CPU
+suite too; on an accelerator the same checks exercise that device's kernels and collectives.
+Tolerances: bitwise on CPU (see test_parity.py). On CUDA/NPU we allow 1e-6 absolute:
+those fused kernels are elementwise, so flat shards should match per-param calls bit for
+bit, but the kernels' own lane and FMA choices are not documented, so we do not rely on it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from helpers import batch, loss_fn, make_net
+from sharded_fused_adam import ShardedFusedAdam
+from sharded_fused_adam.kernels import KERNEL_NAMES, select_kernel
+
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
+
+
+def _device(device_type: str, rank: int) -> torch.device:
+    return torch.device("cpu") if device_type == "cpu" else torch.device(device_type, rank)
+
+
+def _tol(device_type: str) -> float:
+    return 0.0 if device_type == "cpu" else 1e-6
+
+
+def _parity_on_device(rank: int, world_size: int, device_type: str, adamw: bool, amsgrad: bool) -> float:
+    dev = _device(device_type, rank)
+    model = make_net().to(dev)
+    ref = copy.deepcopy(model)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, adamw=adamw)
+    ref_cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    ref_opt = ref_cls(ref.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+    worst = 0.0
+    for step in range(5):
+        tokens, target = (t.to(dev) for t in batch(step, 0, same_on_all_ranks=True))
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_fn(m, tokens, target).backward()
+            o.step()
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())))
+    return worst
+
+
+@pytest.mark.parametrize("adamw,amsgrad", [(False, False), (True, True)])
+def test_parity_with_torch_fused_adam_on_the_device(device_ranks, device_type, adamw, amsgrad):
+    assert max(device_ranks(_parity_on_device, adamw, amsgrad)) <= _tol(device_type)
+
+
+def _mixed_precision_on_device(rank: int, world_size: int, device_type: str) -> dict:
+    dev = _device(device_type, rank)
+    start = make_net().to(torch.bfloat16)
+    fp32, ours = copy.deepcopy(start).float().to(dev), copy.deepcopy(start).to(dev)
+    opts = [ShardedFusedAdam(fp32.parameters(), lr=1e-4), ShardedFusedAdam(ours.parameters(), lr=1e-4)]
+    for step in range(50):
+        tokens, target = (t.to(dev) for t in batch(step, rank, same_on_all_ranks=False))
+        for m, o in zip((fp32, ours), opts):
+            o.zero_grad()
+            loss_fn(m, tokens, target.to(next(m.parameters()).dtype)).float().backward()
+            o.step()
+    moved = max((a - b.float().to(dev)).abs().max().item() for a, b in zip(fp32.parameters(), start.parameters()))
+    err = max((a.master - b.master).abs().max().item() for a, b in zip(opts[1]._buckets, opts[0]._buckets))
+    return dict(moved=moved, err=err, dtypes={str(p.dtype) for p in ours.parameters()})
+
+
+def test_bf16_params_with_fp32_masters_on_the_device(device_ranks):
+    for r in device_ranks(_mixed_precision_on_device):
+        assert r["dtypes"] == {"torch.bfloat16"}
+        assert r["err"] <= 0.05 * r["moved"], r  # see test_numerics.py for the 5% rationale
+
+
+def _overflow_on_device(rank: int, world_size: int, device_type: str) -> list:
+    dev = _device(device_type, rank)
+    model = make_net().to(dev)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
+    flags = []
+    for step in range(3):
+        opt.zero_grad()
+        loss = loss_fn(model, *(t.to(dev) for t in batch(step, rank, same_on_all_ranks=True)))
+        (loss * (math.inf if step == 1 and rank == world_size - 1 else 1.0)).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        flags.append((opt.overflow, all(torch.equal(a, b) for a, b in zip(before, model.parameters()))))
+    return flags
+
+
+def test_an_overflow_skips_the_step_on_the_device(device_ranks):
+    for flags in device_ranks(_overflow_on_device):
+        assert flags == [(False, False), (True, True), (False, False)]
+
+
+def _grad_scaler_on_device(rank: int, world_size: int, device_type: str) -> float:
+    dev = _device(device_type, rank)
+    model = make_net().to(dev)
+    ref = copy.deepcopy(model)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    scalers = [torch.amp.GradScaler(device_type, init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    for step in range(4):
+        data = [t.to(dev) for t in batch(step, 0, same_on_all_ranks=True)]
+        for m, o, s in ((model, opt, scalers[0]), (ref, ref_opt, scalers[1])):
+            o.zero_grad()
+            s.scale(loss_fn(m, *data)).backward()
+            s.step(o)
+            s.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    return max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_grad_scaler_on_the_device(device_ranks, device_type):
+    assert max(device_ranks(_grad_scaler_on_device)) <= _tol(device_type)
+
+
+def _state_dict_on_device(rank: int, world_size: int, device_type: str) -> bool:
+    dev = _device(device_type, rank)
+    model = make_net().to(dev)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, amsgrad=True)
+    for step in range(2):
+        opt.zero_grad()
+        loss_fn(model, *(t.to(dev) for t in batch(step, rank, same_on_all_ranks=False))).backward()
+        opt.step()
+    on_cpu = opt.state_dict()
+    on_device = opt.state_dict(offload_to_cpu=False)
+    fresh = ShardedFusedAdam(make_net().to(dev).parameters(), lr=1e-2, amsgrad=True)
+    fresh.load_state_dict(on_cpu)
+    again = fresh.state_dict()
+    same = all(torch.equal(again["state"][i][k], v) for i, e in on_cpu["state"].items() for k, v in e.items())
+    placed = all(v.device.type == device_type for e in on_device["state"].values()
+                 for k, v in e.items() if k != "step")
+    return same and placed and all(v.device.type == "cpu" for e in on_cpu["state"].values() for v in e.values())
+
+
+def test_state_dict_round_trip_on_the_device(device_ranks):
+    assert all(device_ranks(_state_dict_on_device))
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_every_available_kernel_matches_the_reference_on_the_device(device_type, name):
+    dev = _device(device_type, 0)
+    kernel = select_kernel(None, dev) if name == "torch_fused" else None
+    reason = {"reference": None, "torch_fused": None}.get(name, "")
+    if name == "npu":
+        from sharded_fused_adam.kernels import npu
+
+        reason = npu.unavailable_reason(dev)
+        if reason:
+            pytest.skip(f"the npu kernel cannot run here: {reason}")
+        kernel = select_kernel("npu", dev)
+    kernel = kernel or select_kernel(name, dev)
+    assert kernel.name == name, f"{name} fell back to {kernel.name} on {dev}"
+    ref = select_kernel("reference", dev)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(4099, generator=g).to(dev) for k in ("p", "m")}
+    tensors["v"] = torch.rand(4099, generator=g).to(dev)
+    state = {which: {k: t.clone() for k, t in tensors.items()} for which in ("ours", "ref")}
+    for step in range(1, 4):
+        grad = torch.randn(4099, generator=g).to(dev)
+        for which, k in (("ours", kernel), ("ref", ref)):
+            s = state[which]
+            k.adam_step([s["p"]], [grad.clone()], [s["m"]], [s["v"]], [], [step], lr=1e-2, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, decoupled=True)
+    diff = (state["ours"]["p"] - state["ref"]["p"]).abs().max().item()
+    assert diff <= 1e-6, f"{name} differs from the reference by {diff} on {dev}"
+
+
+def _moved_off_device(rank: int, world_size: int, device_type: str) -> str:
+    from sharded_fused_adam.flat_buffer import ParamMovedError
+
+    dev = _device(device_type, rank)
+    model = torch.nn.Linear(4, 3).to(dev)
+    opt = ShardedFusedAdam(model.named_parameters(), lr=1e-2)
+    model(torch.randn(2, 4, device=dev)).sum().backward()
+    model.cpu()
+    try:
+        opt.step()
+    except ParamMovedError as exc:
+        return str(exc)
+    return ""
+
+
+def test_moving_the_model_off_the_device_is_detected(device_ranks, device_type):
+    if device_type == "cpu":
+        pytest.skip("moving params off the device needs an accelerator (model.cpu() is a no-op on CPU)")
+    for message in device_ranks(_moved_off_device):
+        assert f"moved from {device_type}" in message and "model.cpu()" in message
