@@ -230,6 +230,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         device = grad_scaler._scale.device
         state = grad_scaler._per_optimizer_states[id(self)]
         state["found_inf_per_device"] = {device: torch.full((), float(found_inf), device=device)}
+        if hasattr(grad_scaler, "_has_overflow"):
+            # torch_npu's GradScaler inherits this step path but decides update() by its own
+            # _has_overflow flag, which only its (here skipped) unscale would set.
+            grad_scaler._has_overflow = bool(found_inf)
 
     def _grad_stats(self, norm_type: float) -> GradStats:
         """Finish the reductions and compute (or reuse) the global gradient facts: a collective."""

@@ -249,3 +249,29 @@ def _single_reduction_bytes() -> int:
     numels = [(i, p.numel()) for i, p in reversed(list(enumerate(params)))]
     (bucket,) = plan_buckets(numels, world_size=2, bucket_numel=25 * 2**20 // 4)
     return 2 * bucket.padded_numel * 4
+
+
+class _NpuStyleScaler(torch.amp.GradScaler):
+    """torch_npu's GradScaler contract (torch_npu/npu/amp/grad_scaler.py): it inherits torch's
+    step(), and its update() backs off by its own ``_has_overflow`` flag."""
+
+    _has_overflow = False
+
+    def update(self, new_scale=None):
+        if self._has_overflow:
+            self._scale.mul_(self._backoff_factor)
+        self._has_overflow = False
+        self._per_optimizer_states.clear()
+
+
+def test_a_torch_npu_style_grad_scaler_learns_about_the_overflow():
+    model = make_net()
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
+    scaler = _NpuStyleScaler("cpu", init_scale=2.0**8)
+    for poison in (1.0, math.inf):
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, *batch(0, 0, same_on_all_ranks=True)) * poison).backward()
+        scaler.step(opt)
+        assert scaler._has_overflow == (poison == math.inf)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**7
