@@ -164,7 +164,8 @@ class CommPlan:
         """Start filling every rank's copy of ``flat`` with each owner's shard."""
         return Pending([], None)
 
-    def _own(self, flat: torch.Tensor) -> torch.Tensor:
+    def own_shard(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a padded flat buffer."""
         shard_numel = flat.numel() // self.world_size
         return flat.narrow(0, self.rank * shard_numel, shard_numel)
 
@@ -188,7 +189,7 @@ class ScatterGather(CommPlan):
     def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         self.counter.add("all_gather", flat)
         return self._issue(f"all_gather of {what} ({_mb(flat)})", lambda: [dist.all_gather_into_tensor(
-            flat, self._own(flat), group=self.group, async_op=True)], None)
+            flat, self.own_shard(flat), group=self.group, async_op=True)], None)
 
 
 class AllReduceBroadcast(CommPlan):
@@ -199,7 +200,7 @@ class AllReduceBroadcast(CommPlan):
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         self.counter.add("all_reduce", flat)
         return self._issue(f"all_reduce of {what} ({_mb(flat)})", lambda: [dist.all_reduce(
-            flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], self._own(flat))
+            flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], self.own_shard(flat))
 
     def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         self.counter.add("broadcast", flat)

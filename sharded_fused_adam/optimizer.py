@@ -60,6 +60,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
         loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
             ``backward(loss)`` and removed inside ``step()``.
+        reduce_gradients: False if the model is wrapped in DDP, which averages the gradients
+            itself: each rank then only keeps its shard of them (no second reduction).
         collective_timeout: seconds any of this optimizer's collectives may wait before a
             ``CollectiveError`` names the ranks that never joined (None: the process group's
             timeout, 30 min by default for gloo).
@@ -91,6 +93,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         loss_scale: Union[None, float, str, LossScaler] = None,
         collective_timeout: Optional[float] = None,
+        reduce_gradients: bool = True,
     ):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
@@ -132,7 +135,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.last_step_comm_bytes: dict[str, int] = {}
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
-        self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap)
+        self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap,
+                                    reduce=reduce_gradients)
 
     @property
     def process_group(self) -> Optional[dist.ProcessGroup]:

@@ -37,6 +37,36 @@ class _CommBuffer:
         self.owner = owner  # bucket whose gaps are known to be zero
 
 
+class _SumOverRanks:
+    """Gradients are this rank's own: sum them over ranks, then divide by the world size."""
+
+    hooks = True
+
+    def __init__(self, plan: CommPlan):
+        self.plan, self.divisor, self.needs_output = plan, plan.world_size, plan.reduce_needs_output
+
+    def start(self, flat: torch.Tensor, out: torch.Tensor | None, what: str) -> Pending:
+        return self.plan.reduce(flat, out, what)
+
+
+class _AlreadyAveraged:
+    """Gradients were averaged already (a DDP-wrapped model): keep this rank's slice, no comm.
+
+    No hooks: DDP writes the averaged gradients into ``param.grad`` only when its backward
+    ends, so they are collected at ``finish()``.
+    """
+
+    hooks = False
+    divisor = 1
+    needs_output = False
+
+    def __init__(self, plan: CommPlan):
+        self.plan = plan
+
+    def start(self, flat: torch.Tensor, out: torch.Tensor | None, what: str) -> Pending:
+        return Pending([], self.plan.own_shard(flat))
+
+
 def _hook(reducer_ref: weakref.ref, param: torch.Tensor) -> None:
     reducer = reducer_ref()
     if reducer is not None:
@@ -51,6 +81,7 @@ class GradReducer:
         plan: the collectives to use.
         reduce_dtype: dtype to communicate fp16/bf16 gradients in (fp32/fp64 grads travel as is).
         overlap: start each bucket's reduction during backward; False waits for its end.
+        reduce: False when the gradients arrive averaged already (the model is wrapped in DDP).
         max_inflight: reductions in flight before a new buffer waits for the oldest.
     """
 
@@ -61,12 +92,14 @@ class GradReducer:
         *,
         reduce_dtype: torch.dtype,
         overlap: bool,
+        reduce: bool = True,
         max_inflight: int = 2,
     ):
         self._buckets: list[Bucket] = []
         self._plan = plan
         self._reduce_dtype = reduce_dtype
         self._overlap = overlap
+        self._averaging = _SumOverRanks(plan) if reduce else _AlreadyAveraged(plan)
         self._max_inflight = max_inflight
         self._where: dict[int, tuple[int, int]] = {}
         self._hooks: list = []
@@ -91,7 +124,7 @@ class GradReducer:
             hooked = 0
             for slot, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, slot)
-                if p.requires_grad:
+                if p.requires_grad and self._averaging.hooks:
                     self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
                     self._hooked.add(id(p))
                     hooked += 1
@@ -117,7 +150,7 @@ class GradReducer:
 
     def _predivide(self, bucket: Bucket) -> bool:
         # An fp16 sum over ranks can overflow where the average would not: divide first.
-        return self.comm_dtype(bucket) == torch.float16 and self._plan.world_size > 1
+        return self.comm_dtype(bucket) == torch.float16 and self._averaging.divisor > 1
 
     # ---- backward -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -214,7 +247,7 @@ class GradReducer:
         else:
             dst.copy_(grad)
         if self._predivide(bucket):
-            dst.div_(self._plan.world_size)
+            dst.div_(self._averaging.divisor)
         p.grad = None
         bucket.has_grad[slot] = True
         self._filled[b][slot] = True
@@ -237,14 +270,14 @@ class GradReducer:
         if in_place:
             bucket.grad_valid = True
             return
-        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._plan.reduce_needs_output else None
-        self._inflight.append((b, self._plan.reduce(flat, out, f"gradients of bucket {b}"), cb))
+        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._averaging.needs_output else None
+        self._inflight.append((b, self._averaging.start(flat, out, f"gradients of bucket {b}"), cb))
 
     def _complete_oldest(self) -> None:
         b, pending, cb = self._inflight.popleft()
         summed = pending.wait()
         bucket = self._buckets[b]
-        divisor = 1 if self._predivide(bucket) else self._plan.world_size
+        divisor = 1 if self._predivide(bucket) else self._averaging.divisor
         if bucket.grad_valid:
             summed = summed.to(bucket.grad_shard.dtype)
             bucket.grad_shard.add_(summed.div_(divisor) if divisor > 1 else summed)
@@ -288,7 +321,7 @@ class GradReducer:
             for p in bucket.params:
                 if p.grad is not None:
                     leftover = True
-                if p.requires_grad and id(p) not in self._hooked:
+                if p.requires_grad and self._averaging.hooks and id(p) not in self._hooked:
                     self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
                     self._hooked.add(id(p))
                     self._expected[b] += 1

@@ -67,3 +67,36 @@ def _scheduler_rank(rank: int, world_size: int) -> float:
 
 def test_two_groups_with_an_lr_scheduler_is_bitwise_equal(ranks):
     assert ranks(_scheduler_rank, 2) == [0.0, 0.0]
+
+
+def _ddp_wrapped_rank(rank: int, world_size: int) -> dict:
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from helpers import averaged_grads, batch, loss_fn, make_net
+    from sharded_fused_adam import ShardedFusedAdam
+
+    model = make_net()
+    ref = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = ShardedFusedAdam(ddp.parameters(), lr=1e-2, reduce_gradients=False)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    worst, ops = 0.0, set()
+    for step in range(4):
+        data = [batch(step, r, same_on_all_ranks=True) for r in range(world_size)]
+        opt.zero_grad()
+        loss_fn(ddp, *data[rank]).backward()
+        opt.step()
+        ops |= set(opt.last_step_comm_bytes)
+        for p, g in zip(ref.parameters(), averaged_grads(ref, data[:1])):
+            p.grad = g
+        ref_opt.step()
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())))
+    return dict(diff=worst, ops=sorted(ops))
+
+
+def test_a_ddp_wrapped_model_is_not_reduced_twice(ranks):
+    for r in ranks(_ddp_wrapped_rank, 2):
+        assert r["diff"] == 0.0
+        assert r["ops"] == ["broadcast"], "the optimizer reduced gradients DDP had already averaged"
