@@ -310,3 +310,21 @@ def test_keep_last_keeps_only_complete_versions(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["LATEST", "v00000002", "v00000003"]
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         save_sharded(opt, tmp_path / "ck", keep_last=0)
+
+
+def test_a_state_dict_loaded_after_steps_is_not_ignored():
+    # NpuFusedAdam's packing ignores a checkpoint loaded after its first step; ours must not.
+    model = make_net()
+    opt = ShardedFusedAdam(param_groups(model, "two"), **OPT)
+    _train(model, opt, range(2))
+    early, early_params = opt.state_dict(), [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, range(2, 5))
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), early_params):
+            p.copy_(q)
+    opt.load_state_dict(early)
+    _train(model, opt, range(2, 4))
+    straight = make_net()
+    straight_opt = ShardedFusedAdam(param_groups(straight, "two"), **OPT)
+    _train(straight, straight_opt, range(4))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight.parameters()))
