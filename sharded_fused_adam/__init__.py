@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .checkpoint import load_full, save_full
 from .failures import CollectiveError
+from .local_adam import FusedAdam
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
 from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ShardedFusedAdam",
     "ShardedFusedAdamW",
+    "FusedAdam",
     "LossScaler",
     "StaticLossScaler",
     "DynamicLossScaler",

@@ -139,6 +139,17 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                                     reduce=reduce_gradients)
 
     @property
+    def max_grad_norm(self) -> Optional[float]:
+        """The 2-norm every ``step()`` clips the averaged gradients to (None: no clipping)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: Optional[float]) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
+        self._max_grad_norm = None if value is None else float(value)
+
+    @property
     def process_group(self) -> Optional[dist.ProcessGroup]:
         """The data-parallel group (None for a single rank without torch.distributed)."""
         if self._plan.group is not None:

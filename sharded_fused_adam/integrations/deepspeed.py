@@ -70,7 +70,7 @@ def _check_names_free() -> None:
         # DeepSpeed lower-cases a type that matches one of its built-ins (runtime/config.py).
         if name.lower() in DEEPSPEED_OPTIMIZERS:
             raise RuntimeError(f"DeepSpeed now has a built-in optimizer called {name.lower()!r}; "
-                               "\"type\": \"{name}\" would no longer reach sharded_fused_adam")
+                               f"\"type\": \"{name}\" would no longer reach sharded_fused_adam")
         current = getattr(torch.optim, name, None)
         if current is not None and not isinstance(current, RegisteredOptimizer):
             raise RuntimeError(f"torch.optim.{name} is already {current!r}; refusing to replace it")

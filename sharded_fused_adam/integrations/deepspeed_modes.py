@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from typing import Any, Iterator, Mapping
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAMES = ("ShardedFusedAdam", "ShardedFusedAdamW")
 COMMON_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "adam_w_mode", "kernel")
-SHARDED_ONLY_KEYS = ("bucket_cap_mb", "overlap", "reduce_dtype", "comm", "loss_scale")
+SHARDED_ONLY_KEYS = ("bucket_cap_mb", "overlap", "reduce_dtype", "comm", "loss_scale", "collective_timeout")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 _WIRED = "_sharded_fused_adam_wired"  # engine attribute: wire() already ran
@@ -58,17 +59,13 @@ def optimizer_type(config: Mapping[str, Any]) -> str | None:
             unknown names up in ``torch.optim`` case-sensitively).
     """
     name = (config.get("optimizer") or {}).get("type")
-    if name in OPTIMIZER_NAMES or not isinstance(name, str):
-        return name if name in OPTIMIZER_NAMES else None
+    if name in OPTIMIZER_NAMES:
+        return name
     for ours in OPTIMIZER_NAMES:
-        if name.lower() == ours.lower():
+        if isinstance(name, str) and name.lower() == ours.lower():
             raise ValueError(f'optimizer.type must be spelled exactly "{ours}" (DeepSpeed resolves names '
                              f"outside its built-ins case-sensitively), got {name!r}")
     return None
-
-
-def _enabled(config: Mapping[str, Any], section: str) -> bool:
-    return (config.get(section) or {}).get("enabled", False) is True
 
 
 def _translate(name: str, params: Mapping[str, Any], accepted: tuple[str, ...], mode: str) -> dict[str, Any]:
@@ -125,7 +122,8 @@ class DeepSpeedShardedFusedAdam(ShardedFusedAdam):
             raise RuntimeError("DeepSpeed built ShardedFusedAdam for ZeRO stage 0 but the engine was not wired: call "
                                "sharded_fused_adam.integrations.deepspeed.wire(engine) after deepspeed.initialize "
                                "(initialize() from that module does it for you). If the config uses ZeRO stage "
-                               "1/2, pass that config to register() so that DeepSpeed gets FusedAdam instead.")
+                               "1/2, pass that config to register() so that DeepSpeed gets FusedAdam instead; at "
+                               "stage 0 the config must not enable fp16/bf16 (see docs/deepspeed.md).")
         return super().step(*args, **kwargs)
 
 
@@ -151,15 +149,18 @@ class ShardedMode:
                 engine's gradient all-reduce.
         """
         for section in ("fp16", "bf16", "bfloat16"):
-            if _enabled(config, section):
+            enabled = (config.get(section) or {}).get("enabled", False)
+            if enabled is True or enabled == "auto":  # "auto": a framework may still turn it on
                 raise ValueError(
-                    f'the DeepSpeed config enables "{section}" at ZeRO stage 0 (sharded mode): DeepSpeed would wrap '
-                    "ShardedFusedAdam in its FP16_Optimizer (a second fp32 master copy, its own loss scaling and "
-                    "clipping, and one step() with zero gradients at start-up). Instead remove the section, cast "
+                    f'the DeepSpeed config has "{section}": {{"enabled": {json.dumps(enabled)}}} at ZeRO stage 0 '
+                    "(sharded mode): DeepSpeed would wrap ShardedFusedAdam in its FP16_Optimizer (a second fp32 "
+                    "master copy, its own loss scaling and clipping, and one step() with zero gradients at "
+                    "start-up). Instead remove the section (or set it to false), cast "
                     "the model yourself before initialize (model.to(torch.bfloat16) or model.half(); "
                     "ShardedFusedAdam keeps fp32 master shards) and, for fp16, add \"loss_scale\": \"dynamic\" to "
-                    "optimizer.params. Or use ZeRO stage 1/2 (delegated mode), where DeepSpeed's mixed precision applies.")
-        if _enabled(config, "torch_autocast"):
+                    "optimizer.params. Or use ZeRO stage 1/2 (delegated mode), where DeepSpeed's mixed "
+                    "precision applies.")
+        if (config.get("torch_autocast") or {}).get("enabled", False) is True:
             raise ValueError('the DeepSpeed config enables "torch_autocast" at ZeRO stage 0 (sharded mode), which is '
                              "not supported with ShardedFusedAdam: cast the model yourself (see docs/deepspeed.md) "
                              "or use ZeRO stage 1/2")
@@ -219,11 +220,11 @@ class ShardedMode:
         clip = float(engine.gradient_clipping() or 0.0)
         if clip <= 0:
             return
-        if opt._max_grad_norm not in (None, clip):
+        if opt.max_grad_norm not in (None, clip):
             raise ValueError(f"gradient_clipping is {clip} in the DeepSpeed config but ShardedFusedAdam was built "
-                             f"with max_grad_norm={opt._max_grad_norm}: set one of them")
+                             f"with max_grad_norm={opt.max_grad_norm}: set one of them")
         # ShardedFusedAdam has no public setter for its clipping threshold yet.
-        opt._max_grad_norm = clip
+        opt.max_grad_norm = clip
         # Module grads are empty after backward (the optimizer holds them); the engine's
         # _take_model_step would otherwise clip those instead of the real ones.
         engine._config.gradient_clipping = 0.0
