@@ -60,6 +60,7 @@ class Bucket:
         self.grad_valid = False  # False: the shard holds no gradient since zero_grad
         self.has_grad = [False] * len(layout.slots)  # this rank, since zero_grad
         self.steps = [0] * len(layout.slots)  # Adam step count per param (same on all ranks)
+        self._views: tuple = ((), {})  # (ranges, {tensor name: views}) of the last update
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -88,6 +89,17 @@ class Bucket:
             (start, end, step + 1)
             for start, end, step in kernel_segments(frags, self.layout.slots, [steps[f.slot] for f in frags])
         ]
+
+    def segment_views(self, ranges: tuple[tuple[int, int], ...]) -> dict[str, list[torch.Tensor]]:
+        """Views of the state shards cut at ``ranges``, reused while the ranges stay the same
+        (cutting thousands of views every step costs more than the update of ragged models)."""
+        cached_ranges, views = self._views
+        tensors = {"master": self.master, "grad": self.grad_shard, "exp_avg": self.exp_avg,
+                   "exp_avg_sq": self.exp_avg_sq, "max_exp_avg_sq": self.max_exp_avg_sq}
+        if cached_ranges != ranges or views.keys() != {k for k, t in tensors.items() if t is not None}:
+            views = {k: [t.narrow(0, s, e - s) for s, e in ranges] for k, t in tensors.items() if t is not None}
+            self._views = (ranges, views)
+        return views
 
     def advance_steps(self, mask: Sequence[bool]) -> None:
         self.steps = [s + 1 if m else s for s, m in zip(self.steps, mask)]

@@ -299,14 +299,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
         group = self.param_groups[bucket.group_index]
         beta1, beta2 = (float(b) for b in group["betas"])
-
-        def cut(t: torch.Tensor) -> list[torch.Tensor]:
-            return [t.narrow(0, start, end - start) for start, end, _ in segments]
-
+        views = bucket.segment_views(tuple((start, end) for start, end, _ in segments))
         amsgrad = bool(group["amsgrad"])
         self._kernel.adam_step(
-            cut(bucket.master), cut(bucket.grad_shard), cut(bucket.exp_avg), cut(bucket.exp_avg_sq),
-            cut(bucket.max_exp_avg_sq) if amsgrad else [], [s for _, _, s in segments],
+            views["master"], views["grad"], views["exp_avg"], views["exp_avg_sq"],
+            views["max_exp_avg_sq"] if amsgrad else [], [s for _, _, s in segments],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
             decoupled=bool(group["decoupled_weight_decay"]),

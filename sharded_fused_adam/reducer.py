@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import deque
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -30,11 +30,31 @@ __all__ = ["GradReducer"]
 
 
 class _CommBuffer:
-    __slots__ = ("tensor", "owner")
+    """A pooled buffer; the per-slot views of each bucket it served are kept (making a view
+    costs ~10 us, about as much as copying a small gradient)."""
+
+    __slots__ = ("tensor", "owner", "_views")
 
     def __init__(self, tensor: torch.Tensor, owner: int = -1):
         self.tensor = tensor
         self.owner = owner  # bucket whose gaps are known to be zero
+        self._views: dict[int, list[torch.Tensor]] = {}
+
+    def slot_views(self, b: int, bucket: Bucket) -> list[torch.Tensor]:
+        views = self._views.get(b)
+        if views is None:
+            views = self._views[b] = [self.tensor.narrow(0, s.offset, s.numel).view(p.shape)
+                                      for s, p in zip(bucket.layout.slots, bucket.params)]
+        return views
+
+
+class _BucketPlan(NamedTuple):
+    """Fixed per-bucket facts the hot path reads."""
+
+    comm_dtype: torch.dtype
+    in_place: bool  # one rank, same dtype: gradients land in the shard directly
+    predivide: bool  # an fp16 sum over ranks can overflow where the average would not
+    gaps: tuple[tuple[int, int], ...]
 
 
 class _SumOverRanks:
@@ -104,6 +124,8 @@ class GradReducer:
         self._where: dict[int, tuple[int, int]] = {}
         self._hooks: list = []
         self._hooked: set[int] = set()
+        self._plans: list[_BucketPlan] = []
+        self._in_place_buffers: dict[int, _CommBuffer] = {}
         self._expected: list[int] = []
         self._order: list[int] | None = None
         self._arrivals: list[int] = []
@@ -121,6 +143,10 @@ class GradReducer:
         for bucket in buckets:
             b = len(self._buckets)
             self._buckets.append(bucket)
+            comm_dtype = self.comm_dtype(bucket)
+            self._plans.append(_BucketPlan(
+                comm_dtype, self._plan.world_size == 1 and comm_dtype == bucket.grad_shard.dtype,
+                comm_dtype == torch.float16 and self._averaging.divisor > 1, bucket.layout.gaps()))
             hooked = 0
             for slot, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, slot)
@@ -143,14 +169,6 @@ class GradReducer:
 
     def comm_dtype(self, bucket: Bucket) -> torch.dtype:
         return self._reduce_dtype if bucket.buffer.dtype in LOW_PRECISION else bucket.buffer.dtype
-
-    def _in_place(self, bucket: Bucket) -> bool:
-        # One rank has nothing to reduce: gradients land in the shard (the whole bucket) directly.
-        return self._plan.world_size == 1 and self.comm_dtype(bucket) == bucket.grad_shard.dtype
-
-    def _predivide(self, bucket: Bucket) -> bool:
-        # An fp16 sum over ranks can overflow where the average would not: divide first.
-        return self.comm_dtype(bucket) == torch.float16 and self._averaging.divisor > 1
 
     # ---- backward -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -206,12 +224,14 @@ class GradReducer:
 
     # ---- buffers and launches ----------------------------------------------------------
     def _acquire(self, b: int) -> _CommBuffer:
-        bucket = self._buckets[b]
-        if self._in_place(bucket):
-            return _CommBuffer(bucket.grad_shard, owner=b)
+        bucket, plan = self._buckets[b], self._plans[b]
+        if plan.in_place:
+            if b not in self._in_place_buffers:
+                self._in_place_buffers[b] = _CommBuffer(bucket.grad_shard, owner=b)
+            return self._in_place_buffers[b]
         while len(self._inflight) >= self._max_inflight:
             self._complete_oldest()
-        dtype = self.comm_dtype(bucket)
+        dtype = plan.comm_dtype
         pool = self._pool.setdefault(dtype, [])
         need = bucket.layout.padded_numel
         fits = [cb for cb in pool if cb.tensor.numel() >= need]
@@ -221,9 +241,8 @@ class GradReducer:
         else:
             cb = _CommBuffer(torch.empty(need, dtype=dtype, device=bucket.master.device))
         if cb.owner != b:
-            view = cb.tensor.narrow(0, 0, need)
-            for start, end in bucket.layout.gaps():
-                view.narrow(0, start, end - start).zero_()
+            for start, end in plan.gaps:
+                cb.tensor.narrow(0, start, end - start).zero_()
             cb.owner = b
         return cb
 
@@ -240,13 +259,13 @@ class GradReducer:
         if grad.shape != p.shape or grad.dtype != p.dtype:
             raise RuntimeError(f"{bucket.buffer.names[slot]} has a gradient of shape {tuple(grad.shape)} and "
                                f"dtype {grad.dtype}; the param has shape {tuple(p.shape)} and dtype {p.dtype}")
-        s = bucket.layout.slots[slot]
-        dst = cb.tensor.narrow(0, s.offset, s.numel).view(grad.shape)
-        if self._in_place(bucket) and bucket.grad_valid:
+        plan = self._plans[b]
+        dst = cb.slot_views(b, bucket)[slot]
+        if plan.in_place and bucket.grad_valid:
             dst.add_(grad)
         else:
             dst.copy_(grad)
-        if self._predivide(bucket):
+        if plan.predivide:
             dst.div_(self._averaging.divisor)
         p.grad = None
         bucket.has_grad[slot] = True
@@ -261,12 +280,13 @@ class GradReducer:
         cb = self._fill_buffer[b] or self._acquire(b)
         self._fill_buffer[b] = None
         self._launched[b] = True
-        in_place = self._in_place(bucket)
+        in_place = self._plans[b].in_place
         flat = cb.tensor.narrow(0, 0, bucket.layout.padded_numel)
         if not (in_place and bucket.grad_valid):  # an accumulating shard keeps what absent params had
-            for slot, s in enumerate(bucket.layout.slots):
-                if not self._filled[b][slot]:
-                    flat.narrow(0, s.offset, s.numel).zero_()
+            views = cb.slot_views(b, bucket)
+            for slot, filled in enumerate(self._filled[b]):
+                if not filled:
+                    views[slot].zero_()
         if in_place:
             bucket.grad_valid = True
             return
@@ -277,7 +297,7 @@ class GradReducer:
         b, pending, cb = self._inflight.popleft()
         summed = pending.wait()
         bucket = self._buckets[b]
-        divisor = 1 if self._predivide(bucket) else self._averaging.divisor
+        divisor = 1 if self._plans[b].predivide else self._averaging.divisor
         if bucket.grad_valid:
             summed = summed.to(bucket.grad_shard.dtype)
             bucket.grad_shard.add_(summed.div_(divisor) if divisor > 1 else summed)

@@ -54,7 +54,9 @@ def adam_step(
 ) -> None:
     """Update ``params`` and moments in place; ``steps`` are already incremented."""
     device = params[0].device
-    state_steps = [torch.full((), float(s), dtype=torch.float32, device=device) for s in steps]
+    # One step tensor per distinct value (the op only reads them): usually a single one.
+    by_value = {s: torch.full((), float(s), dtype=torch.float32, device=device) for s in set(steps)}
+    state_steps = [by_value[s] for s in steps]
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
        list(max_exp_avg_sqs) if amsgrad else [], state_steps,
