@@ -102,7 +102,9 @@ class GradReducer:
         reduce_dtype: dtype to communicate fp16/bf16 gradients in (fp32/fp64 grads travel as is).
         overlap: start each bucket's reduction during backward; False waits for its end.
         reduce: False when the gradients arrive averaged already (the model is wrapped in DDP).
-        max_inflight: reductions in flight before a new buffer waits for the oldest.
+        max_inflight: reductions in flight before a new buffer waits for the oldest. 4 measured
+            faster than 2 on gloo (backward stalled in ``_acquire``) and no slower than 8; it
+            bounds the buffer pool at 4 buckets.
     """
 
     def __init__(
@@ -113,7 +115,7 @@ class GradReducer:
         reduce_dtype: torch.dtype,
         overlap: bool,
         reduce: bool = True,
-        max_inflight: int = 2,
+        max_inflight: int = 4,
     ):
         self._buckets: list[Bucket] = []
         self._plan = plan
