@@ -106,8 +106,6 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         check_hyperparameters(defaults)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if collective_timeout is not None and not collective_timeout > 0:
             raise ValueError(f"collective_timeout must be > 0 seconds or None, got {collective_timeout}")
         if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -125,7 +123,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._plan = choose_comm_plan(process_group, self.device, comm, self.comm_counter, timeout)
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._kernel = select_kernel(kernel, self.device)
-        self._max_grad_norm = max_grad_norm
+        self.max_grad_norm = max_grad_norm  # validated by the setter, before any param is packed
         self._loss_scaler = make_loss_scaler(loss_scale)
         self._stats: dict[float, GradStats] = {}
         self._pending_clips: list[tuple[float, float]] = []
