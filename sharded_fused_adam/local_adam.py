@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 
 from .kernels import KERNEL_NAMES, AdamKernel, select_kernel
-from .validation import check_hyperparameters
+from .validation import adam_defaults, check_hyperparameters
 
 __all__ = ["FusedAdam"]
 
@@ -71,9 +71,7 @@ class FusedAdam(torch.optim.Optimizer):
         adamw: bool = False,
         kernel: Optional[str] = None,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        decoupled_weight_decay=adamw)
-        check_hyperparameters(defaults)
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw)
         if kernel is not None and kernel not in KERNEL_NAMES:
             raise ValueError(f"kernel must be one of {KERNEL_NAMES} or None, got {kernel!r}")
         self._kernel_name = kernel

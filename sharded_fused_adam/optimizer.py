@@ -24,7 +24,7 @@ from .memory import MemoryReport, memory_report
 from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler,
                         read_stats)
 from .reducer import GradReducer
-from .validation import check_hyperparameters, check_params
+from .validation import adam_defaults, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 
@@ -101,9 +101,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError("params is empty: ShardedFusedAdam needs at least one parameter")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        decoupled_weight_decay=adamw)
-        check_hyperparameters(defaults)
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         if collective_timeout is not None and not collective_timeout > 0:

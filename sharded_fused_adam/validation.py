@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["check_hyperparameters", "check_params", "SUPPORTED_DTYPES"]
+__all__ = ["adam_defaults", "check_hyperparameters", "check_params", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -25,6 +25,14 @@ def _number(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def adam_defaults(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any, adamw: Any) -> dict:
+    """The optimizer defaults dict (torch.optim.Adam's keys), validated."""
+    defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    decoupled_weight_decay=adamw)
+    check_hyperparameters(defaults)
+    return defaults
 
 
 def check_hyperparameters(group: dict, where: str = "") -> None:
