@@ -11,16 +11,18 @@ after construction is overwritten by the next step unless ``load_state_dict`` or
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from .flat_buffer import FlatParamBuffer
 from .layout import BucketLayout, kernel_segments
 
-__all__ = ["Bucket", "LOW_PRECISION"]
+__all__ = ["Bucket", "LOW_PRECISION", "STATE_KEYS"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Per-param state tensors a checkpoint holds, in torch.optim.Adam's names (plus our fp32 master).
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
 
 class Bucket:
@@ -108,3 +110,32 @@ class Bucket:
         """Round the fp32 master into this rank's slice of the flat params (low precision only)."""
         if self.is_low_precision:
             self.buffer.shard(self.rank).copy_(self.master)
+
+    # ---- checkpoint seam: the only writer of moments and masters besides the kernel ----
+    def state_shards(self) -> dict[str, torch.Tensor]:
+        """This rank's state shards by ``STATE_KEYS`` name (amsgrad and master only if held)."""
+        shards = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.max_exp_avg_sq is not None:
+            shards["max_exp_avg_sq"] = self.max_exp_avg_sq
+        if self.is_low_precision:
+            shards["master_param"] = self.master
+        return shards
+
+    def load_state(self, steps: Sequence[int], shards: Mapping[str, torch.Tensor]) -> None:
+        """Replace the steps and state shards with loaded ones (shard-shaped, any device).
+
+        A moment missing from ``shards`` becomes zeros; a missing fp32 master starts from
+        the current low-precision params (see [Note: master weights]).
+        """
+        assert len(steps) == len(self.layout.slots), (len(steps), len(self.layout.slots))
+        self.steps = [int(s) for s in steps]
+        if "max_exp_avg_sq" in shards:
+            self.ensure_amsgrad_buffer()
+        for key, target in self.state_shards().items():
+            value = shards.get(key)
+            if value is not None:
+                target.copy_(value)
+            elif key == "master_param":
+                target.copy_(self.buffer.shard(self.rank))
+            else:
+                target.zero_()

@@ -17,35 +17,43 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
+from .bucket import STATE_KEYS, Bucket
+from .shard_state import ShardState
 from .validation import check_hyperparameters
 
-if TYPE_CHECKING:
-    from .optimizer import ShardedFusedAdam
-
-__all__ = ["gather_state_dict", "apply_state_dict", "save_full", "load_full", "STATE_KEYS", "FORMAT_VERSION"]
+__all__ = [
+    "HasShardState",
+    "gather_state_dict",
+    "apply_state_dict",
+    "saved_groups",
+    "merged_groups",
+    "check_state_fits",
+    "assemble_shard",
+    "save_full",
+    "load_full",
+    "STATE_KEYS",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _TORCH_IMPLEMENTATION_KEYS = ("foreach", "capturable", "differentiable", "fused")
 
 
-def _shard_fields(bucket) -> dict[str, torch.Tensor]:
-    fields = {"exp_avg": bucket.exp_avg, "exp_avg_sq": bucket.exp_avg_sq}
-    if bucket.max_exp_avg_sq is not None:
-        fields["max_exp_avg_sq"] = bucket.max_exp_avg_sq
-    if bucket.is_low_precision:
-        fields["master_param"] = bucket.master
-    return fields
+class HasShardState(Protocol):
+    """Anything that exposes its shards the way ``ShardedFusedAdam`` does."""
+
+    def shard_state(self) -> ShardState: ...
 
 
-def _saved_groups(opt: ShardedFusedAdam) -> list[dict]:
+def saved_groups(shards: ShardState) -> list[dict]:
+    """The param groups as saved: hyperparameters, torch's implementation keys, param indices."""
     groups, start = [], 0
-    fused = True if opt._kernel.name == "torch_fused" else None
-    for group in opt.param_groups:
+    fused = True if shards.kernel_name == "torch_fused" else None
+    for group in shards.param_groups:
         saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
         saved.update(maximize=False, foreach=None, capturable=False, differentiable=False, fused=fused)
         saved["params"] = list(range(start, start + len(group["params"])))
@@ -55,26 +63,26 @@ def _saved_groups(opt: ShardedFusedAdam) -> list[dict]:
 
 
 @torch.no_grad()
-def gather_state_dict(opt: ShardedFusedAdam, *, rank0_only: bool, offload_to_cpu: bool) -> dict:
+def gather_state_dict(shards: ShardState, *, rank0_only: bool, offload_to_cpu: bool) -> dict:
     """Assemble the full state dict from every rank's shards (see [Note: state dict layout]).
 
     A collective. Buckets are gathered one state tensor at a time, so the memory needed
     beyond the returned dict is one bucket's worth of one tensor.
     """
-    keep = not rank0_only or opt.rank == 0
+    keep = not rank0_only or shards.rank == 0
     state: dict[int, dict[str, Any]] = {}
-    for bucket in opt._buckets:
+    for b, bucket in enumerate(shards.buckets):
         stepped = [(slot, s) for slot, s in enumerate(bucket.layout.slots) if bucket.steps[slot] > 0]
         for slot, s in stepped:
             if keep:
                 state[s.index] = {"step": torch.tensor(float(bucket.steps[slot]), dtype=torch.float32)}
         if not stepped:
             continue
-        for key, shard in _shard_fields(bucket).items():
+        for key, shard in bucket.state_shards().items():
             full = torch.zeros(bucket.layout.padded_numel, dtype=shard.dtype, device=shard.device)
-            start, end = bucket.layout.shard_range(opt.rank)
+            start, end = bucket.layout.shard_range(shards.rank)
             full.narrow(0, start, end - start).copy_(shard)
-            opt._plan.gather(full, f"{key} of bucket {opt._buckets.index(bucket)} for state_dict()").wait()
+            shards.plan.gather(full, f"{key} of bucket {b} for state_dict()").wait()
             if not keep:
                 continue
             for slot, s in stepped:
@@ -84,25 +92,29 @@ def gather_state_dict(opt: ShardedFusedAdam, *, rank0_only: bool, offload_to_cpu
         return {}
     return {
         "state": dict(sorted(state.items())),
-        "param_groups": _saved_groups(opt),
-        "sharded_fused_adam": {"version": FORMAT_VERSION, "world_size": opt.world_size,
-                               "loss_scaler": opt._loss_scaler.state_dict()},
+        "param_groups": saved_groups(shards),
+        "sharded_fused_adam": {"version": FORMAT_VERSION, "world_size": shards.world_size,
+                               "loss_scaler": shards.loss_scaler.state_dict()},
     }
 
 
-def _new_groups(opt: ShardedFusedAdam, saved_groups: list[dict]) -> list[dict]:
-    """Our param groups with the saved hyperparameters, validated; raises before changing anything."""
-    ours = opt.param_groups
-    if len(saved_groups) != len(ours):
-        raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer has {len(ours)}")
+def merged_groups(shards: ShardState, saved: list[dict]) -> list[dict]:
+    """Our param groups with the saved hyperparameters, validated; raises before changing anything.
+
+    Raises:
+        ValueError: a different number of groups or params, or an invalid hyperparameter.
+    """
+    ours = shards.param_groups
+    if len(saved) != len(ours):
+        raise ValueError(f"state dict has {len(saved)} param groups, the optimizer has {len(ours)}")
     new = []
-    for gi, (group, saved) in enumerate(zip(ours, saved_groups)):
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(f"param group {gi} of the state dict has {len(saved['params'])} params, "
+    for gi, (group, saved_group) in enumerate(zip(ours, saved)):
+        if len(saved_group["params"]) != len(group["params"]):
+            raise ValueError(f"param group {gi} of the state dict has {len(saved_group['params'])} params, "
                              f"the optimizer's has {len(group['params'])}")
-        if saved.get("maximize", False):
+        if saved_group.get("maximize", False):
             raise ValueError(f"param group {gi} has maximize=True, which ShardedFusedAdam does not support")
-        merged = {k: copy.deepcopy(v) for k, v in saved.items()
+        merged = {k: copy.deepcopy(v) for k, v in saved_group.items()
                   if k not in ("params", *_TORCH_IMPLEMENTATION_KEYS, "maximize")}
         merged.setdefault("decoupled_weight_decay", group["decoupled_weight_decay"])
         merged["params"] = group["params"]
@@ -113,8 +125,13 @@ def _new_groups(opt: ShardedFusedAdam, saved_groups: list[dict]) -> list[dict]:
     return new
 
 
-def _check_state(opt: ShardedFusedAdam, state: dict) -> None:
-    shapes = {s.index: b.params[slot].shape for b in opt._buckets for slot, s in enumerate(b.layout.slots)}
+def check_state_fits(shards: ShardState, state: dict) -> None:
+    """Check per-param entries (``{index: {key: tensor-like}}``) against the model's params.
+
+    Raises:
+        ValueError: an unknown param index, a missing moment or a shape that differs.
+    """
+    shapes = shards.param_shapes()
     for index, entry in state.items():
         if not isinstance(index, int) or index not in shapes:
             raise ValueError(f"state dict has state for param {index!r}, but the optimizer has params "
@@ -129,8 +146,25 @@ def _check_state(opt: ShardedFusedAdam, state: dict) -> None:
                                  f"has shape {tuple(shapes[index])} (a state dict from a different model?)")
 
 
+PieceReader = Callable[[int, int, int, torch.Tensor], bool]
+
+
+def assemble_shard(bucket: Bucket, like: torch.Tensor, read: PieceReader) -> Optional[torch.Tensor]:
+    """This rank's shard of one state tensor, built on the CPU from per-param pieces.
+
+    ``read(param_index, start, end, out)`` fills ``out`` with elements ``[start, end)`` of
+    that param's flattened saved tensor and returns False if the param has none. Returns
+    None if no param of the bucket had one (the caller then keeps the default).
+    """
+    staged = torch.zeros(like.shape, dtype=like.dtype)
+    found = False
+    for frag in bucket.fragments:
+        found |= read(frag.index, frag.param_start, frag.param_end, staged.narrow(0, frag.shard_offset, frag.numel))
+    return staged if found else None
+
+
 @torch.no_grad()
-def apply_state_dict(opt: ShardedFusedAdam, state_dict: dict) -> None:
+def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
     """Load a torch.optim.Adam/AdamW-layout state dict into this rank's shards.
 
     Everything is validated first; on error nothing has changed.
@@ -142,49 +176,44 @@ def apply_state_dict(opt: ShardedFusedAdam, state_dict: dict) -> None:
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise ValueError(f"not an optimizer state dict: no {key!r} key (keys: {sorted(state_dict)})")
-    new_groups = _new_groups(opt, state_dict["param_groups"])
+    new_groups = merged_groups(shards, state_dict["param_groups"])
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    ours_ids = range(sum(len(g["params"]) for g in opt.param_groups))
-    remap = dict(zip(saved_ids, ours_ids))  # torch allows any integer ids, in group order
+    remap = dict(zip(saved_ids, range(shards.num_params)))  # torch allows any integer ids, in group order
     state = {remap.get(k, k): v for k, v in state_dict["state"].items()}
-    _check_state(opt, state)
-    opt.param_groups[:] = new_groups
-    for bucket in opt._buckets:
-        _apply_to_bucket(opt, bucket, state)
+    check_state_fits(shards, state)
+
+    def reader(key: str) -> PieceReader:
+        def read(index: int, start: int, end: int, out: torch.Tensor) -> bool:
+            value = state.get(index, {}).get(key)
+            if value is None:
+                return False
+            out.copy_(value.detach().reshape(-1)[start:end])
+            return True
+        return read
+
+    staged = []
+    for bucket in shards.buckets:
+        keys = [k for k in STATE_KEYS if any(k in state.get(s.index, {}) for s in bucket.layout.slots)]
+        pieces = {k: assemble_shard(bucket, bucket.exp_avg, reader(k)) for k in keys}
+        steps = [int(float(state.get(s.index, {}).get("step", 0))) for s in bucket.layout.slots]
+        staged.append((steps, {k: v for k, v in pieces.items() if v is not None}))
+    shards.param_groups[:] = new_groups
+    for bucket, (steps, pieces) in zip(shards.buckets, staged):
+        bucket.load_state(steps, pieces)
     extra = state_dict.get("sharded_fused_adam", {})
     if "loss_scaler" in extra:
-        opt._loss_scaler.load_state_dict(extra["loss_scaler"])
-    opt._stats = {}
+        shards.loss_scaler.load_state_dict(extra["loss_scaler"])
 
 
-def _apply_to_bucket(opt: ShardedFusedAdam, bucket, state: dict) -> None:
-    slots = bucket.layout.slots
-    bucket.steps = [int(float(state.get(s.index, {}).get("step", 0))) for s in slots]
-    if any("max_exp_avg_sq" in state.get(s.index, {}) for s in slots):
-        bucket.ensure_amsgrad_buffer()
-    targets = _shard_fields(bucket)
-    for name, shard in targets.items():
-        if name == "master_param":  # params that come without a saved master keep their own values
-            shard.copy_(bucket.buffer.shard(opt.rank))
-        else:
-            shard.zero_()
-    for frag in bucket.fragments:
-        entry = state.get(frag.index, {})
-        for name, shard in targets.items():
-            value = entry.get(name)
-            if value is not None:
-                piece = value.detach().reshape(-1)[frag.param_start:frag.param_end]
-                shard.narrow(0, frag.shard_offset, frag.numel).copy_(piece)
-
-
-def save_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:
+def save_full(opt: HasShardState, path: Union[str, os.PathLike]) -> None:
     """Gather the state dict to rank 0 and write it with ``torch.save``, atomically; a collective.
 
     The file is written under a temporary name, flushed to disk and renamed over ``path``,
     so a save killed midway leaves the previous file intact.
     """
-    state = opt.state_dict(rank0_only=True, offload_to_cpu=True)
-    if opt.rank == 0:
+    shards = opt.shard_state()
+    state = gather_state_dict(shards, rank0_only=True, offload_to_cpu=True)
+    if shards.rank == 0:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -192,10 +221,10 @@ def save_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    opt._plan.barrier(opt.device, "barrier after save_full")
+    shards.plan.barrier(shards.device, "barrier after save_full")
 
 
-def load_full(opt: ShardedFusedAdam, path: Union[str, os.PathLike]) -> None:
+def load_full(opt: Any, path: Union[str, os.PathLike]) -> None:
     """Load a file written by ``save_full`` or ``torch.save(torch_optimizer.state_dict())``.
 
     Raises:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sharded_checkpoint import _Reader, consolidate_sharded
+from .sharded_checkpoint import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
 
@@ -26,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            reader = _Reader(args.checkpoint)
+            reader = CheckpointReader(args.checkpoint)
             stepped = sum(1 for p in reader.meta["params"] if p["step"] > 0)
             print(json.dumps({"version_dir": str(reader.folder), "world_size": reader.meta["world_size"],
                               "params": len(reader.meta["params"]), "params_with_state": stepped,

@@ -24,6 +24,7 @@ from .memory import MemoryReport, memory_report
 from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler,
                         read_stats)
 from .reducer import GradReducer
+from .shard_state import ShardState
 from .validation import adam_defaults, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
@@ -367,7 +368,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             rank0_only: return the dict on rank 0 only (``{}`` elsewhere).
             offload_to_cpu: put the state tensors on the CPU (else on the params' device).
         """
-        return gather_state_dict(self, rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
+        return gather_state_dict(self.shard_state(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
@@ -379,7 +380,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         Raises:
             ValueError: the dict does not fit this optimizer (nothing is changed then).
         """
-        apply_state_dict(self, state_dict)
+        apply_state_dict(self.shard_state(), state_dict)
+        self._stats = {}
+
+    def shard_state(self) -> ShardState:
+        """The read-only view of this rank's shards that checkpoint formats work on."""
+        return ShardState(tuple(self._buckets), self.param_groups, self._plan, self._loss_scaler,
+                          self._kernel.name, self.device)
 
     def memory_report(self) -> MemoryReport:
         """Bytes this rank holds for params, gradient shards, masters, moments and comm buffers."""

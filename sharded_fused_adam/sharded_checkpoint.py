@@ -25,16 +25,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 
-from .checkpoint import FORMAT_VERSION, _check_state, _new_groups, _saved_groups, _shard_fields
+from .bucket import STATE_KEYS
+from .checkpoint import (FORMAT_VERSION, HasShardState, assemble_shard, check_state_fits, merged_groups,
+                         saved_groups)
+from .shard_state import ShardState
 
-if TYPE_CHECKING:
-    from .optimizer import ShardedFusedAdam
-
-__all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError"]
+__all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointReader"]
 
 PathLike = Union[str, os.PathLike]
 _FORMAT = "sharded_fused_adam/sharded"
@@ -67,7 +67,7 @@ def _latest_version(path: Path) -> int:
 
 
 @torch.no_grad()
-def save_sharded(opt: ShardedFusedAdam, path: PathLike, *, keep_last: int = 1) -> Path:
+def save_sharded(opt: HasShardState, path: PathLike, *, keep_last: int = 1) -> Path:
     """Write this rank's shards as a new version under ``path``; a collective.
 
     Args:
@@ -81,19 +81,20 @@ def save_sharded(opt: ShardedFusedAdam, path: PathLike, *, keep_last: int = 1) -
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = Path(path)
-    if opt.rank == 0:
+    shards = opt.shard_state()
+    if shards.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("v*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-    version_t = torch.tensor([_latest_version(path) + 1 if opt.rank == 0 else 0], device=opt.device)
-    version = int(opt._plan.broadcast_(version_t, what="broadcast of the checkpoint version").item())
+    version_t = torch.tensor([_latest_version(path) + 1 if shards.rank == 0 else 0], device=shards.device)
+    version = int(shards.plan.broadcast_(version_t, what="broadcast of the checkpoint version").item())
     tmp = path / f"v{version:08d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_rank_files(opt, tmp)
-    opt._plan.barrier(opt.device, "barrier after writing the shard files")
+    _write_rank_files(shards, tmp)
+    shards.plan.barrier(shards.device, "barrier after writing the shard files")
     final = path / f"v{version:08d}"
-    if opt.rank == 0:
-        _write_common(opt, tmp)
+    if shards.rank == 0:
+        _write_common(shards, tmp)
         os.replace(tmp, final)
         _fsync_dir(path)
         _write_atomic(path / "LATEST", final.name.encode())
@@ -101,16 +102,16 @@ def save_sharded(opt: ShardedFusedAdam, path: PathLike, *, keep_last: int = 1) -
         versions = sorted(p for p in path.glob("v*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in versions[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    opt._plan.barrier(opt.device, "barrier after committing the checkpoint")
+    shards.plan.barrier(shards.device, "barrier after committing the checkpoint")
     return final
 
 
-def _write_rank_files(opt: ShardedFusedAdam, folder: Path) -> None:
+def _write_rank_files(shards: ShardState, folder: Path) -> None:
     pieces, offset = [], 0
-    name = f"rank{opt.rank:05d}"
+    name = f"rank{shards.rank:05d}"
     with open(folder / f"{name}.bin", "wb") as f:
-        for bucket in opt._buckets:
-            for key, shard in _shard_fields(bucket).items():
+        for bucket in shards.buckets:
+            for key, shard in bucket.state_shards().items():
                 data = shard.detach().to("cpu").contiguous()
                 nbytes = data.numel() * data.element_size()
                 f.write(ctypes.string_at(data.data_ptr(), nbytes))
@@ -124,18 +125,18 @@ def _write_rank_files(opt: ShardedFusedAdam, folder: Path) -> None:
     _write_atomic(folder / f"{name}.json", json.dumps({"nbytes": offset, "pieces": pieces}).encode())
 
 
-def _write_common(opt: ShardedFusedAdam, folder: Path) -> None:
-    params = [{"index": s.index, "shape": list(b.params[slot].shape), "step": b.steps[slot]}
-              for b in opt._buckets for slot, s in enumerate(b.layout.slots)]
-    meta = {"format": _FORMAT, "version": FORMAT_VERSION, "world_size": opt.world_size,
-            "params": sorted(params, key=lambda p: p["index"]),
-            "files": [f"rank{r:05d}" for r in range(opt.world_size)]}
+def _write_common(shards: ShardState, folder: Path) -> None:
+    steps = {s.index: b.steps[slot] for b in shards.buckets for slot, s in enumerate(b.layout.slots)}
+    params = [{"index": index, "shape": list(shape), "step": steps.get(index, 0)}
+              for index, shape in shards.param_shapes().items()]
+    meta = {"format": _FORMAT, "version": FORMAT_VERSION, "world_size": shards.world_size,
+            "params": params, "files": [f"rank{r:05d}" for r in range(shards.world_size)]}
     _write_atomic(folder / "metadata.json", json.dumps(meta).encode())
-    common = {"param_groups": _saved_groups(opt), "loss_scaler": opt._loss_scaler.state_dict()}
+    common = {"param_groups": saved_groups(shards), "loss_scaler": shards.loss_scaler.state_dict()}
     torch.save(common, folder / "common.pt")
 
 
-class _Reader:
+class CheckpointReader:
     """A checked view of one saved version: metadata, rank indices and byte-range reads."""
 
     def __init__(self, path: PathLike):
@@ -176,8 +177,11 @@ class _Reader:
     def has(self, index: int, key: str) -> bool:
         return (index, key) in self.pieces
 
-    def read(self, index: int, key: str, start: int, end: int, out: torch.Tensor) -> None:
-        """Fill ``out`` with elements ``[start, end)`` of the flattened ``key`` state of param ``index``."""
+    def read(self, index: int, key: str, start: int, end: int, out: torch.Tensor) -> bool:
+        """Fill ``out`` with elements ``[start, end)`` of the flattened ``key`` state of param
+        ``index``; False (and ``out`` untouched) if the checkpoint has no such state."""
+        if (index, key) not in self.pieces:
+            return False
         for p_start, p_end, file, offset, dtype in self.pieces[(index, key)]:
             lo, hi = max(start, p_start), min(end, p_end)
             if lo >= hi:
@@ -187,9 +191,10 @@ class _Reader:
                 f.seek(offset + (lo - p_start) * item)
                 raw = bytearray(f.read((hi - lo) * item))
             out.narrow(0, lo - start, hi - lo).copy_(torch.frombuffer(raw, dtype=getattr(torch, dtype)))
+        return True
 
 
-def _shapes_state(reader: _Reader) -> dict:
+def _shapes_state(reader: CheckpointReader) -> dict:
     """A stand-in state (shapes only) for the shared model-fit checks of checkpoint.py."""
     state = {}
     for p in reader.meta["params"]:
@@ -200,7 +205,7 @@ def _shapes_state(reader: _Reader) -> dict:
 
 
 @torch.no_grad()
-def load_sharded(opt: ShardedFusedAdam, path: PathLike) -> None:
+def load_sharded(opt: HasShardState, path: PathLike) -> None:
     """Load the latest version under ``path`` (saved at any world size); not a collective.
 
     Raises:
@@ -208,49 +213,30 @@ def load_sharded(opt: ShardedFusedAdam, path: PathLike) -> None:
         CheckpointError: a truncated/corrupt file or a checkpoint of a different model
             (nothing is changed then).
     """
-    reader = _Reader(path)
-    ours = sum(len(g["params"]) for g in opt.param_groups)
-    if len(reader.meta["params"]) != ours:
-        raise CheckpointError(f"checkpoint has {len(reader.meta['params'])} params, the optimizer has {ours}")
+    shards = opt.shard_state()
+    reader = CheckpointReader(path)
+    if len(reader.meta["params"]) != shards.num_params:
+        raise CheckpointError(f"checkpoint has {len(reader.meta['params'])} params, "
+                              f"the optimizer has {shards.num_params}")
     try:
-        new_groups = _new_groups(opt, reader.common["param_groups"])
-        _check_state(opt, _shapes_state(reader))
+        new_groups = merged_groups(shards, reader.common["param_groups"])
+        check_state_fits(shards, _shapes_state(reader))
     except ValueError as exc:
         raise CheckpointError(f"{reader.folder}: {exc}") from exc
     steps = {p["index"]: p["step"] for p in reader.meta["params"]}
     staged = []
-    for bucket in opt._buckets:
-        fields = {}
-        for key, shard in _shard_fields(bucket).items():
-            if key == "max_exp_avg_sq" or not any(reader.has(f.index, key) for f in bucket.fragments):
-                continue
-            fields[key] = _read_shard(reader, bucket, key, shard)
-        if any(reader.has(f.index, "max_exp_avg_sq") for f in bucket.fragments):
-            fields["max_exp_avg_sq"] = _read_shard(reader, bucket, "max_exp_avg_sq", bucket.exp_avg)
-        staged.append(fields)
-    opt.param_groups[:] = new_groups
-    for bucket, fields in zip(opt._buckets, staged):
-        bucket.steps = [steps[s.index] for s in bucket.layout.slots]
-        if "max_exp_avg_sq" in fields:
-            bucket.ensure_amsgrad_buffer()
-        for key, shard in _shard_fields(bucket).items():
-            if key in fields:
-                shard.copy_(fields[key])
-            elif key == "master_param":
-                shard.copy_(bucket.buffer.shard(opt.rank))
-            else:
-                shard.zero_()
-    opt._loss_scaler.load_state_dict(reader.common["loss_scaler"])
-    opt._stats = {}
-
-
-def _read_shard(reader: _Reader, bucket, key: str, like: torch.Tensor) -> torch.Tensor:
-    staged = torch.zeros(like.shape, dtype=like.dtype)
-    for frag in bucket.fragments:
-        if reader.has(frag.index, key):
-            reader.read(frag.index, key, frag.param_start, frag.param_end,
-                        staged.narrow(0, frag.shard_offset, frag.numel))
-    return staged.to(like.device)
+    for bucket in shards.buckets:
+        pieces = {}
+        for key in STATE_KEYS:
+            piece = assemble_shard(bucket, bucket.exp_avg,
+                                   lambda i, a, b, out, key=key: reader.read(i, key, a, b, out))
+            if piece is not None:
+                pieces[key] = piece
+        staged.append(([steps[s.index] for s in bucket.layout.slots], pieces))
+    shards.param_groups[:] = new_groups
+    for bucket, (bucket_steps, pieces) in zip(shards.buckets, staged):
+        bucket.load_state(bucket_steps, pieces)
+    shards.loss_scaler.load_state_dict(reader.common["loss_scaler"])
 
 
 def consolidate_sharded(path: PathLike) -> dict:
@@ -259,7 +245,7 @@ def consolidate_sharded(path: PathLike) -> dict:
     No process group needed; the result loads into ``torch.optim.Adam/AdamW`` or into
     ``ShardedFusedAdam`` at any world size.
     """
-    reader = _Reader(path)
+    reader = CheckpointReader(path)
     state = {}
     for p in reader.meta["params"]:
         if p["step"] == 0:
