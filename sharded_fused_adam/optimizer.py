@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from .bucket import Bucket
 from .checkpoint import apply_state_dict, gather_state_dict
+from .clip import OWNER_ATTR
 from .comm import CommCounter, choose_comm_plan
 from .failures import CollectiveError, store_rendezvous
 from .flat_buffer import check_unmoved
@@ -121,10 +123,17 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
         if o.grads == "replicated":
+            self._own([p for b in buckets for p in b.params])
             return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
+        self._own([p for b in buckets for p in b.params])
         watch([p for b in buckets for p in b.params], self._watch)
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
                            reduce=o.reduce_gradients, grad_watch=self._watch)
+
+    def _own(self, params: list[torch.Tensor]) -> None:
+        ref = weakref.ref(self)
+        for p in params:
+            setattr(p, OWNER_ATTR, ref)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -165,6 +174,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._idle = self._find_idle()
 
     def _add_buckets(self, buckets: list[Bucket]) -> None:
+        self._own([p for b in buckets for p in b.params])
         self._buckets.extend(buckets)
         if isinstance(self._grads, GradReducer):
             watch([p for b in buckets for p in b.params], self._watch)
@@ -309,11 +319,14 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         return self._stats[norm_type]
 
     def _clip_coefficient(self, loss_scale: float) -> float:
-        clips = list(self._pending_clips)
+        coef = self._clip_coefficient_pending(loss_scale)
         if self._max_grad_norm is not None:
-            clips.append((self._max_grad_norm, 2.0))
+            coef = min(coef, clip_coefficient(self._grad_stats(2.0).norm / loss_scale, self._max_grad_norm))
+        return coef
+
+    def _clip_coefficient_pending(self, loss_scale: float) -> float:
         coef = 1.0
-        for max_norm, norm_type in clips:
+        for max_norm, norm_type in self._pending_clips:
             coef = min(coef, clip_coefficient(self._grad_stats(norm_type).norm / loss_scale, max_norm))
         return coef
 
@@ -389,6 +402,23 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         return torch.tensor(norm)
 
     clip_grad_norm = clip_grad_norm_  # the name the Hugging Face Trainer looks for
+
+    @torch.no_grad()
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamp every averaged gradient to ``[-clip_value, clip_value]`` now; a collective.
+
+        Raises:
+            ValueError: ``clip_value`` < 0.
+        """
+        clip_value = float(clip_value)
+        if not clip_value >= 0:
+            raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+        self._reduce()
+        if self._pending_clips:  # a norm clip asked for earlier applies first, as in torch
+            self._grads.scale_(self._clip_coefficient_pending(self._loss_scaler.scale))
+            self._pending_clips = []
+        self._grads.clamp_(clip_value * self._loss_scaler.scale)
+        self._stats = {}
 
     def get_global_grad_norm(self) -> Optional[float]:
         """The global 2-norm of the unscaled averaged gradients at the last ``step()``."""

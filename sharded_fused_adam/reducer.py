@@ -423,6 +423,12 @@ class GradReducer:
         """Scale the gradient shards (loss-scale removal and clipping, [Note: one scale])."""
         torch._foreach_mul_([r.bucket.grad_shard for r in self._records if r.bucket.grad_valid], multiplier)
 
+    def clamp_(self, value: float) -> None:
+        """Clamp the gradient shards elementwise (``clip_grad_value_``)."""
+        for r in self._records:
+            if r.bucket.grad_valid:
+                r.bucket.grad_shard.clamp_(-value, value)
+
     def zero_grad(self, set_to_none: bool) -> None:
         """Forget (or zero) the gradient shards and any ``param.grad`` left on the params."""
         while self._inflight:

@@ -14,8 +14,9 @@ user's, exactly as in torch. ``finish()`` copies this rank's shard of each buffe
 optimizer's gradient shard (a view for fp32/fp64 params, so nothing is copied). Costs: the
 full gradient stays resident (Ψ × param bytes, like DDP) and gradients are all-reduced on
 every backend (on NCCL/HCCL twice the bytes of the sharded path's reduce-scatter).
-Without a gradient on any rank a param's ``param.grad`` is a view of zeros, not None, and it
-is skipped like in torch (its step does not advance).
+One presence flag per param rides in each bucket's all-reduce, so a param without a
+gradient on any rank keeps ``param.grad`` None and is skipped, as in torch, while one with
+a gradient on some ranks only gets the average (zeros elsewhere) on every rank.
 """
 from __future__ import annotations
 
@@ -84,12 +85,15 @@ class ReplicatedGrads:
         """Take over more buckets; their params' ``grad`` become views into a new flat buffer."""
         ref = weakref.ref(self)
         for bucket in buckets:
-            flat = torch.zeros(bucket.layout.padded_numel, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
+            # After the padded gradients, one presence flag per param travels in the same
+            # all-reduce: afterwards every rank knows which params had a gradient on any rank.
+            padded = bucket.layout.padded_numel
+            flat = torch.zeros(padded + len(bucket.params), dtype=bucket.buffer.dtype, device=bucket.buffer.device)
             views = [flat.narrow(0, s.offset, s.numel).view(p.shape) for s, p in zip(bucket.layout.slots, bucket.params)]
             dtype = self._reduce_dtype if bucket.buffer.dtype in LOW_PRECISION else bucket.buffer.dtype
             record = _GradBucket(len(self._records), bucket, flat, views, dtype, filled=[False] * len(views))
             if not bucket.is_low_precision:
-                bucket.adopt_grad_shard(self._plan.own_shard(flat))
+                bucket.adopt_grad_shard(self._plan.own_shard(flat.narrow(0, 0, padded)))
             for slot, p in enumerate(bucket.params):
                 self._where[id(p)] = (record, slot)
                 if p.requires_grad:
@@ -154,12 +158,14 @@ class ReplicatedGrads:
         if record.pending is not None:
             return
         bucket = record.bucket
+        flags = []
         for slot in range(len(record.views)):
             present = self._adopt(record, slot)
-            bucket.has_grad[slot] = present
+            flags.append(1.0 if present else 0.0)
             if not present:
                 record.views[slot].zero_()  # counts as zero here; other ranks may have one
         flat = record.flat_grad
+        flat.narrow(0, bucket.layout.padded_numel, len(flags)).copy_(torch.tensor(flags, dtype=flat.dtype))
         if record.comm_dtype != flat.dtype:
             record.comm_buffer = flat.to(record.comm_dtype)
             flat = record.comm_buffer
@@ -174,8 +180,9 @@ class ReplicatedGrads:
                 summed.div_(self._plan.world_size)
             if summed is not record.flat_grad:
                 record.flat_grad.copy_(summed)
+            present = record.flat_grad.narrow(0, record.bucket.layout.padded_numel, len(record.views)).tolist()
             for slot, p in enumerate(record.bucket.params):
-                set_raw_grad(p, record.views[slot])
+                set_raw_grad(p, record.views[slot] if present[slot] > 0 else None)
             record.pending, record.comm_buffer, record.dirty = None, None, False
             record.filled = [False] * len(record.views)
             record.num_filled = 0
@@ -205,6 +212,13 @@ class ReplicatedGrads:
         tensors = [r.flat_grad for r in self._records]
         tensors += [r.bucket.grad_shard for r in self._records if r.bucket.is_low_precision]
         torch._foreach_mul_(tensors, multiplier)
+
+    def clamp_(self, value: float) -> None:
+        """Clamp every averaged gradient in ``param.grad`` elementwise (``clip_grad_value_``)."""
+        for r in self._records:
+            r.flat_grad.clamp_(-value, value)
+            if r.bucket.is_low_precision:
+                r.bucket.grad_shard.clamp_(-value, value)
 
     def zero_grad(self, set_to_none: bool) -> None:
         """torch's ``zero_grad``: drop ``param.grad`` or zero it in place."""
