@@ -16,9 +16,9 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from .flat_buffer import FlatParamBuffer
-from .layout import BucketLayout, kernel_segments
+from .layout import BucketLayout, kernel_segments, plan_buckets
 
-__all__ = ["Bucket", "LOW_PRECISION", "STATE_KEYS"]
+__all__ = ["Bucket", "LOW_PRECISION", "STATE_KEYS", "pack_buckets"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Per-param state tensors a checkpoint holds, in torch.optim.Adam's names (plus our fp32 master).
@@ -157,3 +157,21 @@ class Bucket:
                 target.copy_(self.buffer.shard(self.rank))
             else:
                 target.zero_()
+
+
+def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: Sequence[str], *,
+                 group_index: int, first_index: int, world_size: int, rank: int,
+                 bucket_cap_mb: float) -> list[Bucket]:
+    """Buckets for ``params[i] for i in members`` of one group: per dtype, in reverse order
+    (the order backward produces gradients), at most ``bucket_cap_mb`` each."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in members:
+        by_dtype.setdefault(params[i].dtype, []).append(i)
+    buckets = []
+    for dtype, indices in by_dtype.items():
+        cap = max(1, int(bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
+        order = [(first_index + i, params[i].numel()) for i in reversed(indices)]
+        for layout in plan_buckets(order, world_size=world_size, bucket_numel=cap):
+            local = [s.index - first_index for s in layout.slots]
+            buckets.append(Bucket(layout, [params[i] for i in local], [names[i] for i in local], group_index, rank))
+    return buckets

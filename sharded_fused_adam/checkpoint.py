@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Protocol, Union
 import torch
 
 from .bucket import STATE_KEYS, Bucket
+from .comm import CommPlan
+from .failures import CollectiveError, store_rendezvous
 from .shard_state import ShardState
 from .validation import check_hyperparameters
 
@@ -33,6 +35,7 @@ __all__ = [
     "merged_groups",
     "check_state_fits",
     "assemble_shard",
+    "require_every_rank",
     "save_full",
     "load_full",
     "STATE_KEYS",
@@ -47,6 +50,22 @@ class HasShardState(Protocol):
     """Anything that exposes its shards the way ``ShardedFusedAdam`` does."""
 
     def shard_state(self) -> ShardState: ...
+
+
+def require_every_rank(what: str, plan: CommPlan, call: int, timeout_s: float) -> None:
+    """Wait (bounded) until every rank reached its ``call``-th ``what``; a gathered state needs them all.
+
+    Raises:
+        CollectiveError: some ranks did not arrive within ``timeout_s``; names them and the fix.
+    """
+    missing = store_rendezvous(f"{what}/{plan.tag}/{call}", plan.rank, plan.world_size, timeout_s)
+    if missing:
+        raise CollectiveError(
+            f"{what} is a collective, but rank(s) {missing} did not call it within {timeout_s:g} s "
+            f"(state_dict_timeout; rank {plan.rank} of {plan.world_size} did). Call it on every rank: "
+            "`sd = opt.state_dict()` then `if rank == 0: torch.save(sd, path)`; or "
+            "`opt.state_dict(rank0_only=True)` on every rank; or `opt.snapshot_state_dict()` on every "
+            "rank first, after which one rank may call state_dict() alone.")
 
 
 def saved_groups(shards: ShardState) -> list[dict]:

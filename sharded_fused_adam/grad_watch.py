@@ -28,9 +28,17 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["GradWatch", "raw_grad", "set_raw_grad", "watch", "unwatch"]
+__all__ = ["GradWatch", "raw_grad", "set_raw_grad", "watch", "unwatch", "READ_NONE_WARNING"]
 
 _GRAD = torch._C.TensorBase.__dict__["grad"]
+
+READ_NONE_WARNING = (
+    "param.grad was read between backward and step() and was None: with grads='sharded' (the default) the "
+    "averaged gradients live in the optimizer, so torch.nn.utils.clip_grad_norm_ / clip_grad_value_, "
+    "GradScaler.unscale_ and gradient logging over param.grad see nothing and clip nothing. Clip with "
+    "ShardedFusedAdam(max_grad_norm=...), opt.clip_grad_norm_(max_norm) or "
+    "sharded_fused_adam.clip_grad_norm_(params, max_norm), or build the optimizer with grads='replicated' "
+    "to keep the averaged gradients in param.grad.")
 _ATTR = "_sharded_fused_adam_grad_watch"
 
 

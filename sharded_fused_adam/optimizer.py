@@ -16,18 +16,18 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .bucket import Bucket
-from .checkpoint import apply_state_dict, gather_state_dict
+from .bucket import Bucket, pack_buckets
+from .checkpoint import apply_state_dict, gather_state_dict, require_every_rank
 from .clip import OWNER_ATTR
 from .comm import CommCounter, choose_comm_plan
-from .failures import CollectiveError, store_rendezvous
+from .failures import CollectiveError
 from .flat_buffer import check_unmoved
-from .grad_watch import GradWatch, watch
+from .grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
-from .layout import plan_buckets
 from .memory import MemoryReport, memory_report
 from .options import ShardingOptions
-from .precision import GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats
+from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
+                        report_to_grad_scaler)
 from .reducer import GradReducer
 from .replicated import ReplicatedGrads
 from .shard_state import ShardState
@@ -197,20 +197,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """Buckets for the group's trainable, non-empty params (frozen ones cost nothing)."""
         group = self.param_groups[group_index]
         first = sum(len(g["params"]) for g in self.param_groups[:group_index])
-        names = self._param_names(group_index)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, p in enumerate(group["params"]):
-            if p.requires_grad and p.numel() > 0 and (only is None or id(p) in only):
-                by_dtype.setdefault(p.dtype, []).append(i)
-        buckets = []
-        for dtype, members in by_dtype.items():
-            cap = max(1, int(self._options.bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
-            order = [(first + i, group["params"][i].numel()) for i in reversed(members)]
-            for layout in plan_buckets(order, world_size=self.world_size, bucket_numel=cap):
-                local = [s.index - first for s in layout.slots]
-                buckets.append(Bucket(layout, [group["params"][i] for i in local],
-                                      [names[i] for i in local], group_index, self.rank))
-        return buckets
+        members = [i for i, p in enumerate(group["params"])
+                   if p.requires_grad and p.numel() > 0 and (only is None or id(p) in only)]
+        return pack_buckets(group["params"], members, self._param_names(group_index), group_index=group_index,
+                            first_index=first, world_size=self.world_size, rank=self.rank,
+                            bucket_cap_mb=self._options.bucket_cap_mb)
 
     def _adopt_unfrozen(self) -> None:
         """Give params that became trainable since construction buckets of their own (a collective)."""
@@ -274,19 +265,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._stats = {}
         if self._watch.read_none_while_held:
             self._watch.read_none_while_held = False
-            self._warn_once("read_none", (
-                "param.grad was read between backward and step() and was None: with grads='sharded' (the "
-                "default) the averaged gradients live in the optimizer, so torch.nn.utils.clip_grad_norm_ / "
-                "clip_grad_value_, GradScaler.unscale_ and gradient logging over param.grad see nothing and "
-                "clip nothing. Clip with ShardedFusedAdam(max_grad_norm=...), opt.clip_grad_norm_(max_norm) "
-                "or sharded_fused_adam.clip_grad_norm_(params, max_norm), or build the optimizer with "
-                "grads='replicated' to keep the averaged gradients in param.grad."))
+            self._warn_once("read_none", READ_NONE_WARNING)
 
     def _record_verdict(self, stats: GradStats, loss_scale: float, grad_scaler: Any) -> None:
         self.overflow = stats.found_inf
         self._global_grad_norm = stats.norm / loss_scale
         if grad_scaler is not None:
-            self._report_to_grad_scaler(grad_scaler, stats.found_inf)
+            report_to_grad_scaler(grad_scaler, id(self), stats.found_inf)
             return
         self._loss_scaler.update(stats.found_inf)
         if stats.found_inf and type(self._loss_scaler) is LossScaler:
@@ -296,18 +281,6 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                               "step(s) skipped so far, step counts did not advance). Without a loss scaler "
                               "nothing lowers the scale: check the loss/learning rate, or use "
                               "loss_scale='dynamic' or torch.amp.GradScaler for fp16.", RuntimeWarning, stacklevel=3)
-
-    def _report_to_grad_scaler(self, grad_scaler: Any, found_inf: bool) -> None:
-        # GradScaler.update() reads found_inf_per_device; the stock scaler cannot see our
-        # gradient shards, so we record the global verdict there (as Apex's distributed
-        # optimizer does), which makes every rank's scaler back off together.
-        device = grad_scaler._scale.device
-        state = grad_scaler._per_optimizer_states[id(self)]
-        state["found_inf_per_device"] = {device: torch.full((), float(found_inf), device=device)}
-        if hasattr(grad_scaler, "_has_overflow"):
-            # torch_npu's GradScaler inherits this step path but decides update() by its own
-            # _has_overflow flag, which only its (here skipped) unscale would set.
-            grad_scaler._has_overflow = bool(found_inf)
 
     def _grad_stats(self, norm_type: float) -> GradStats:
         """The global gradient facts (overflow, norm, which params have a gradient): a collective, cached."""
@@ -465,17 +438,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if self._snapshot is not None and self._snapshot[0] == self._version:
             return {} if rank0_only and self.rank != 0 else self._snapshot[1]
         self._state_dict_calls += 1
-        missing = store_rendezvous(f"state_dict/{self._plan.tag}/{self._state_dict_calls}", self.rank,
-                                   self.world_size, self._options.state_dict_timeout)
-        if missing:
-            self._state_dict_calls -= 1
-            raise CollectiveError(
-                f"state_dict() is a collective, but rank(s) {missing} did not call it within "
-                f"state_dict_timeout={self._options.state_dict_timeout:g} s (rank {self.rank} of "
-                f"{self.world_size} did). Call it on every rank: `sd = opt.state_dict()` then "
-                "`if rank == 0: torch.save(sd, path)`; or `opt.state_dict(rank0_only=True)` on every rank; "
-                "or `opt.snapshot_state_dict()` on every rank first, after which one rank may call "
-                "state_dict() alone.")
+        try:
+            require_every_rank("state_dict()", self._plan, self._state_dict_calls, self._options.state_dict_timeout)
+        except CollectiveError:
+            self._state_dict_calls -= 1  # a later call on every rank matches again
+            raise
         return gather_state_dict(self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
 
     def snapshot_state_dict(self) -> None:

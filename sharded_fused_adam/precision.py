@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -26,6 +26,7 @@ __all__ = [
     "local_stats",
     "read_stats",
     "clip_coefficient",
+    "report_to_grad_scaler",
 ]
 
 
@@ -176,3 +177,19 @@ def make_loss_scaler(loss_scale: Union[None, float, str, LossScaler]) -> LossSca
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
         return LossScaler(float(loss_scale))
     raise TypeError(f"loss_scale must be a number, 'dynamic', a LossScaler or None, got {type(loss_scale).__name__}")
+
+
+def report_to_grad_scaler(grad_scaler: Any, optimizer_id: int, found_inf: bool) -> None:
+    """Tell a ``torch.amp.GradScaler`` (or torch_npu's) the global overflow verdict of a step.
+
+    ``GradScaler.update()`` reads ``found_inf_per_device``; the stock scaler cannot see our
+    gradient shards, so the global verdict is recorded there (as Apex's distributed
+    optimizer does), which makes every rank's scaler back off together. torch_npu's scaler
+    inherits this step path but decides ``update()`` by its own ``_has_overflow`` flag, which
+    only its (here skipped) unscale would set.
+    """
+    device = grad_scaler._scale.device
+    state = grad_scaler._per_optimizer_states[optimizer_id]
+    state["found_inf_per_device"] = {device: torch.full((), float(found_inf), device=device)}
+    if hasattr(grad_scaler, "_has_overflow"):
+        grad_scaler._has_overflow = bool(found_inf)
