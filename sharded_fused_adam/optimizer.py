@@ -66,11 +66,20 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         collective_timeout: seconds any of this optimizer's collectives may wait before a
             ``CollectiveError`` names the ranks that never joined (None: the process group's
             timeout, 30 min by default for gloo).
+        maximize: ascend the gradient instead of descending, as torch.optim.Adam's.
+        decoupled_weight_decay: torch.optim.Adam's name for ``adamw`` (either turns it on).
+        foreach: torch.optim.Adam's implementation switch; always fused here, so ``True``
+            warns (see [Note: torch's implementation flags] in validation.py).
+        fused: torch's switch; ``None``/``True`` is what this optimizer does, ``False`` warns.
+        capturable: ``True`` (CUDA-graph capture of ``step()``) raises NotImplementedError.
+        differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
 
     Raises:
         ValueError: a hyperparameter out of range, empty params, a duplicated, aliased,
             non-leaf or empty param, or params on several devices.
         TypeError: a non-tensor param, an unsupported dtype or a hyperparameter of the wrong type.
+        NotImplementedError: ``capturable=True`` or ``differentiable=True``.
+        RuntimeError: ``foreach=True`` with ``fused=True`` (torch's rule).
     """
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands itself to step()
@@ -95,6 +104,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         loss_scale: Union[None, float, str, LossScaler] = None,
         collective_timeout: Optional[float] = None,
         reduce_gradients: bool = True,
+        # torch.optim.Adam's remaining keywords (validation.adam_defaults checks them)
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
@@ -102,7 +118,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError("params is empty: ShardedFusedAdam needs at least one parameter")
-        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw)
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw, maximize=maximize,
+                                 decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                                 capturable=capturable, differentiable=differentiable)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         if collective_timeout is not None and not collective_timeout > 0:
@@ -161,7 +179,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         try:
             check_hyperparameters(group, f"param group {index}")
             check_params(group["params"], self._param_names(index), self._taken)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if self._reducer is not None:
@@ -303,7 +321,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             views["max_exp_avg_sq"] if amsgrad else [], [s for _, _, s in segments],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
-            decoupled=bool(group["decoupled_weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
         )
 
     def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
@@ -413,6 +431,7 @@ class ShardedFusedAdamW(ShardedFusedAdam):
         amsgrad: bool = False,
         **kwargs: Any,
     ):
-        if "adamw" in kwargs:
-            raise TypeError("ShardedFusedAdamW always uses decoupled weight decay; do not pass adamw")
+        for key in ("adamw", "decoupled_weight_decay"):  # torch.optim.AdamW takes neither
+            if key in kwargs:
+                raise TypeError(f"ShardedFusedAdamW always uses decoupled weight decay; do not pass {key}")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, adamw=True, **kwargs)
