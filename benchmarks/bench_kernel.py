@@ -107,7 +107,7 @@ def build_cases(sizes: list[int], dtype: torch.dtype, device: torch.device) -> t
         opt._kernel.adam_step(views.master, views.grad, views.exp_avg,
                               views.exp_avg_sq, [], [s for _, _, s in segments], lr=HYPER["lr"],
                               beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
-                              weight_decay=0.0, amsgrad=False, decoupled=False)
+                              weight_decay=0.0, amsgrad=False, decoupled=False, maximize=False)
         bucket.publish_master()
 
     p32, g32 = torch.randn(numel, device=device), torch.randn(numel, device=device)

@@ -74,7 +74,7 @@ def saved_groups(shards: ShardState) -> list[dict]:
     fused = True if shards.kernel_name == "torch_fused" else None
     for group in shards.param_groups:
         saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
-        saved.update(maximize=False, foreach=None, capturable=False, differentiable=False, fused=fused)
+        saved.update(foreach=None, capturable=False, differentiable=False, fused=fused)
         saved["params"] = list(range(start, start + len(group["params"])))
         start += len(group["params"])
         groups.append(saved)
@@ -131,11 +131,10 @@ def merged_groups(shards: ShardState, saved: list[dict]) -> list[dict]:
         if len(saved_group["params"]) != len(group["params"]):
             raise ValueError(f"param group {gi} of the state dict has {len(saved_group['params'])} params, "
                              f"the optimizer's has {len(group['params'])}")
-        if saved_group.get("maximize", False):
-            raise ValueError(f"param group {gi} has maximize=True, which ShardedFusedAdam does not support")
         merged = {k: copy.deepcopy(v) for k, v in saved_group.items()
-                  if k not in ("params", *_TORCH_IMPLEMENTATION_KEYS, "maximize")}
+                  if k not in ("params", *_TORCH_IMPLEMENTATION_KEYS)}
         merged.setdefault("decoupled_weight_decay", group["decoupled_weight_decay"])
+        merged.setdefault("maximize", False)  # torch's default for dicts saved before it existed
         merged["params"] = group["params"]
         if "param_names" in group and "param_names" not in merged:
             merged["param_names"] = group["param_names"]

@@ -53,10 +53,17 @@ class FusedAdam(torch.optim.Optimizer):
             ``decoupled_weight_decay``, the key torch.optim.Adam uses too.
         kernel: ``"torch_fused"`` (default), ``"npu"`` or ``"reference"`` (see
             ``sharded_fused_adam.kernels``); chosen once per device.
+        maximize: ascend the gradient instead of descending, as torch.optim.Adam's.
+        decoupled_weight_decay: torch.optim.Adam's name for ``adamw`` (either turns it on).
+        foreach: as for ``ShardedFusedAdam``: always fused, so ``True`` warns.
+        fused: as for ``ShardedFusedAdam``: ``False`` warns.
+        capturable: ``True`` raises NotImplementedError.
+        differentiable: ``True`` raises NotImplementedError.
 
     Raises:
         ValueError: a hyperparameter out of range, an unknown kernel or empty params.
         TypeError: a hyperparameter of the wrong type.
+        NotImplementedError: ``capturable=True`` or ``differentiable=True``.
     """
 
     def __init__(
@@ -70,20 +77,35 @@ class FusedAdam(torch.optim.Optimizer):
         *,
         adamw: bool = False,
         kernel: Optional[str] = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
-        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw)
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw, maximize=maximize,
+                                 decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                                 capturable=capturable, differentiable=differentiable)
         if kernel is not None and kernel not in KERNEL_NAMES:
             raise ValueError(f"kernel must be one of {KERNEL_NAMES} or None, got {kernel!r}")
         self._kernel_name = kernel
         self._kernels: dict[torch.device, AdamKernel] = {}
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict lands here: a dict saved before ``maximize`` existed (ours, or an
+        # old torch one) gets torch's default, as torch.optim.Adam.__setstate__ gives it.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch semantics); its hyperparameters are validated."""
         super().add_param_group(param_group)
         try:
             check_hyperparameters(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
 
@@ -113,7 +135,7 @@ class FusedAdam(torch.optim.Optimizer):
                     batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
                     batch.steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
-                    decoupled=group["decoupled_weight_decay"])
+                    decoupled=group["decoupled_weight_decay"], maximize=group["maximize"])
                 for param, updated in batch.write_back:
                     param.copy_(updated)
         return loss

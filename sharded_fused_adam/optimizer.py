@@ -59,6 +59,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         amsgrad: use the AMSGrad variant.
         adamw: decoupled weight decay (``torch.optim.AdamW``); per group as
             ``decoupled_weight_decay``.
+        maximize, decoupled_weight_decay, foreach, fused, capturable, differentiable: the rest of
+            ``torch.optim.Adam``'s keywords. ``maximize`` ascends the gradient;
+            ``decoupled_weight_decay`` is torch's name for ``adamw``; this optimizer is always
+            fused, so ``foreach=True`` / ``fused=False`` warn (see [Note: torch's implementation
+            flags] in validation.py); ``capturable`` and ``differentiable`` raise.
         **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
             collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
@@ -68,13 +73,17 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             aliased param, params on several devices, or ranks whose params differ.
         TypeError: a non-tensor param, an unsupported dtype, an unknown option or a value
             of the wrong type.
-        RuntimeError: a multi-rank launch (WORLD_SIZE > 1) without a process group.
+        NotImplementedError: ``capturable=True`` or ``differentiable=True``.
+        RuntimeError: ``foreach=True`` with ``fused=True`` (torch's rule), or a multi-rank
+            launch (WORLD_SIZE > 1) without a process group.
     """
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands itself to step()
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, adamw: bool = False,
+                 maximize: bool = False, decoupled_weight_decay: bool = False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  **options: Any):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
@@ -82,13 +91,16 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError("params is empty: ShardedFusedAdam needs at least one parameter")
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw, maximize=maximize,
+                                 decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                                 capturable=capturable, differentiable=differentiable)
         opts = ShardingOptions.from_kwargs(options)
         require_process_group(opts.process_group)
         self._taken: dict = {}
         self._buckets: list[Bucket] = []
         self._idle: list[torch.Tensor] = []
         self._grads: Optional[Union[GradReducer, ReplicatedGrads]] = None
-        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw))
+        super().__init__(params, defaults)
         if not self._taken:
             raise ValueError("params is empty: every param group has an empty 'params' list")
         self.device = self._taken["device"][0]
@@ -166,7 +178,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         try:
             check_hyperparameters(group, f"param group {index}")
             check_params(group["params"], self._param_names(index), self._taken)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if self._grads is not None:
@@ -337,7 +349,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             views.max_exp_avg_sq if amsgrad else [], [s for _, _, s in segments],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
-            decoupled=bool(group["decoupled_weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
         )
 
     def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
@@ -491,6 +503,7 @@ class ShardedFusedAdamW(ShardedFusedAdam):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any):
-        if "adamw" in kwargs:
-            raise TypeError("ShardedFusedAdamW always uses decoupled weight decay; do not pass adamw")
+        for key in ("adamw", "decoupled_weight_decay"):  # torch.optim.AdamW takes neither
+            if key in kwargs:
+                raise TypeError(f"ShardedFusedAdamW always uses decoupled weight decay; do not pass {key}")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, adamw=True, **kwargs)

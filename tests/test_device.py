@@ -140,8 +140,9 @@ def test_state_dict_round_trip_on_the_device(device_ranks):
     assert all(device_ranks(_state_dict_on_device))
 
 
+@pytest.mark.parametrize("decoupled,maximize", [(True, False), (False, True)])  # maximize with L2: npu.py's sign
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_every_available_kernel_matches_the_reference_on_the_device(device_type, name):
+def test_every_available_kernel_matches_the_reference_on_the_device(device_type, name, decoupled, maximize):
     dev = _device(device_type, 0)
     kernel = select_kernel(None, dev) if name == "torch_fused" else None
     reason = {"reference": None, "torch_fused": None}.get(name, "")
@@ -164,7 +165,8 @@ def test_every_available_kernel_matches_the_reference_on_the_device(device_type,
         for which, k in (("ours", kernel), ("ref", ref)):
             s = state[which]
             k.adam_step([s["p"]], [grad.clone()], [s["m"]], [s["v"]], [], [step], lr=1e-2, beta1=0.9,
-                        beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, decoupled=True)
+                        beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, decoupled=decoupled,
+                        maximize=maximize)
     diff = (state["ours"]["p"] - state["ref"]["p"]).abs().max().item()
     assert diff <= 1e-6, f"{name} differs from the reference by {diff} on {dev}"
 

@@ -10,10 +10,12 @@ import torch
 from sharded_fused_adam.kernels import KERNEL_NAMES, npu, reference, select_kernel, torch_fused
 
 HYPER = [
-    dict(weight_decay=0.0, amsgrad=False, decoupled=False),
-    dict(weight_decay=0.1, amsgrad=False, decoupled=False),
-    dict(weight_decay=0.1, amsgrad=True, decoupled=False),
-    dict(weight_decay=0.1, amsgrad=True, decoupled=True),
+    dict(weight_decay=0.0, amsgrad=False, decoupled=False, maximize=False),
+    dict(weight_decay=0.1, amsgrad=False, decoupled=False, maximize=False),
+    dict(weight_decay=0.1, amsgrad=True, decoupled=False, maximize=False),
+    dict(weight_decay=0.1, amsgrad=True, decoupled=True, maximize=False),
+    dict(weight_decay=0.1, amsgrad=False, decoupled=False, maximize=True),
+    dict(weight_decay=0.1, amsgrad=True, decoupled=True, maximize=True),
 ]
 
 
@@ -38,7 +40,7 @@ def _run_torch(hyper, steps: int, **impl) -> list[torch.Tensor]:
     params = [p.requires_grad_() for p in _tensors(0)]
     cls = torch.optim.AdamW if hyper["decoupled"] else torch.optim.Adam
     opt = cls(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=hyper["weight_decay"],
-              amsgrad=hyper["amsgrad"], **impl)
+              amsgrad=hyper["amsgrad"], maximize=hyper["maximize"], **impl)
     for step in range(1, steps + 1):
         for p, g in zip(params, _tensors(step)):
             p.grad = g
@@ -62,6 +64,8 @@ def test_torch_fused_matches_torch_fused_bitwise(hyper):
 
 def _cann_apply_adam_w(var, m, v, max_grad_norm, grad, a: npu.ApplyAdamWArgs, amsgrad: bool):
     """ApplyAdamW as the CANN documentation and op-plugin's test state it (float64 here)."""
+    if a.maximize:
+        grad = -grad
     m_out = m * a.beta1 + (1 - a.beta1) * grad
     v_out = v * a.beta2 + (1 - a.beta2) * grad * grad
     var_t = var * (1 - a.lr * a.weight_decay)
@@ -81,7 +85,8 @@ def test_npu_argument_translation_reproduces_adam_under_the_cann_formula(hyper):
     mx = [torch.zeros_like(p) for p in params]
     for step in range(1, 6):
         a = npu.apply_adam_w_args(step=step, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
-                                  weight_decay=hyper["weight_decay"], decoupled=hyper["decoupled"])
+                                  weight_decay=hyper["weight_decay"], decoupled=hyper["decoupled"],
+                                  maximize=hyper["maximize"])
         for i, g in enumerate(_tensors(step, torch.float64)):
             g = g + a.l2_weight_decay * params[i] if a.l2_weight_decay else g
             params[i], m[i], v[i], mx[i] = _cann_apply_adam_w(params[i], m[i], v[i], mx[i], g, a,
@@ -92,11 +97,17 @@ def test_npu_argument_translation_reproduces_adam_under_the_cann_formula(hyper):
 
 
 def test_npu_beta_powers_are_one_step_behind():
-    a = npu.apply_adam_w_args(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True)
+    a = npu.apply_adam_w_args(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True,
+                              maximize=False)
     assert (a.beta1_power, a.beta2_power) == (1.0, 1.0)
-    a = npu.apply_adam_w_args(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decoupled=False)
+    a = npu.apply_adam_w_args(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decoupled=False,
+                              maximize=False)
     assert math.isclose(a.beta1_power, 0.81) and math.isclose(a.beta2_power, 0.9801)
     assert (a.weight_decay, a.l2_weight_decay) == (0.0, 0.5)
+    # the kernel negates the gradient after we fold L2 in, so the fold flips sign with maximize
+    a = npu.apply_adam_w_args(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decoupled=False,
+                              maximize=True)
+    assert (a.weight_decay, a.l2_weight_decay, a.maximize) == (0.0, -0.5, True)
 
 
 def test_npu_kernel_is_unavailable_on_cpu_and_falls_back_with_one_warning():

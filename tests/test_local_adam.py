@@ -58,6 +58,14 @@ def test_bitwise_equal_to_torch_fused(adamw: bool, amsgrad: bool):
     assert worst == 0.0
 
 
+@pytest.mark.parametrize("kernel", ["torch_fused", "reference"])
+def test_maximize_bitwise_equal_to_torch(kernel: str):
+    impl = dict(fused=True) if kernel == "torch_fused" else dict(foreach=False)
+    worst = _train_side_by_side(dict(lr=1e-2, weight_decay=0.01, maximize=True, kernel=kernel), torch.optim.Adam,
+                                dict(lr=1e-2, weight_decay=0.01, maximize=True, **impl))
+    assert worst == 0.0
+
+
 def test_reference_kernel_bitwise_equal_to_torch_single_tensor():
     worst = _train_side_by_side(dict(lr=1e-2, weight_decay=0.01, kernel="reference"), torch.optim.Adam,
                                 dict(lr=1e-2, weight_decay=0.01, foreach=False))
@@ -96,6 +104,21 @@ def test_state_dict_moves_between_torch_adam_and_fused_adam():
     back = torch.optim.Adam(copy.deepcopy(ours_model).parameters(), fused=True)
     back.load_state_dict(copy.deepcopy(ours.state_dict()))
     assert [s["step"].item() for s in back.state.values()] == [3.0] * 6
+
+
+def test_maximize_comes_back_from_a_torch_state_dict_and_defaults_for_older_dicts():
+    model = _net()
+    torch_opt = torch.optim.Adam(model.parameters(), lr=1e-2, maximize=True, fused=True)
+    ours_model = copy.deepcopy(model)
+    ours = FusedAdam(ours_model.parameters())
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert ours.param_groups[0]["maximize"] is True
+    older = copy.deepcopy(torch_opt.state_dict())
+    del older["param_groups"][0]["maximize"]
+    ours.load_state_dict(older)
+    assert ours.param_groups[0]["maximize"] is False
+    _loss(ours_model, 0).backward()
+    ours.step()  # reads the group's maximize
 
 
 def test_non_contiguous_param_is_updated_in_place():

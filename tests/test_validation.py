@@ -1,6 +1,8 @@
 """Bad input: a clear exception naming what was wrong, and nothing touched."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -32,6 +34,22 @@ BAD_HYPERPARAMETERS = [
     (dict(loss_scale="static"), ValueError, "loss_scale must be a number, 'dynamic'"),
     (dict(loss_scale=-4.0), ValueError, "loss scale must be a positive finite number, got -4.0"),
     (dict(loss_scale=[1]), TypeError, "loss_scale must be .* got list"),
+    # torch.optim.Adam's keywords (see [Note: torch's implementation flags])
+    (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, r"Tensor lr must be 1-element, got shape \(2,\)"),
+    (dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.99))), ValueError, r"Tensor betas\[0\] must be 1-element"),
+    (dict(betas=(0.9, torch.tensor(0.99))), ValueError, r"betas must be either both floats or both Tensors, "
+                                                         r"got \(float, Tensor\)"),
+    (dict(lr=torch.tensor(1e-3), foreach=True), ValueError, "lr as a Tensor is not supported for capturable=False "
+                                                            "and foreach=True"),
+    (dict(foreach=True, fused=True), RuntimeError, "`fused` and `foreach` cannot be `True` together"),
+    (dict(capturable=True), NotImplementedError, r"capturable=True \(capturing step\(\) in a CUDA graph\) is not "
+                                                 "supported: a step reads the overflow flag on the host"),
+    (dict(differentiable=True), NotImplementedError, r"differentiable=True \(autograd through step\(\)\) is not "
+                                                     "supported"),
+    (dict(maximize=1), TypeError, "maximize must be a bool, got int 1"),
+    (dict(decoupled_weight_decay="no"), TypeError, "decoupled_weight_decay must be a bool, got str"),
+    (dict(foreach="yes"), TypeError, "foreach must be a bool or None, got str"),
+    (dict(fused=0), TypeError, "fused must be a bool or None, got int"),
 ]
 
 
@@ -88,6 +106,32 @@ def test_a_bad_group_added_later_leaves_the_optimizer_unchanged():
 def test_adamw_rejects_the_adamw_switch():
     with pytest.raises(TypeError, match="always uses decoupled weight decay"):
         ShardedFusedAdamW([_p(3)], adamw=False)
+    with pytest.raises(TypeError, match="do not pass decoupled_weight_decay"):  # torch.optim.AdamW: TypeError too
+        ShardedFusedAdamW([_p(3)], decoupled_weight_decay=True)
+
+
+def test_torch_flags_in_a_param_group_are_checked_there():
+    with pytest.raises(NotImplementedError, match=r"capturable=True .* is not supported \(param group 1\)"):
+        ShardedFusedAdam([{"params": [_p(3)]}, {"params": [_p(4)], "capturable": True}])
+    opt = ShardedFusedAdam([_p(4)], lr=1e-2)
+    extra = _p(6)
+    with pytest.raises(NotImplementedError, match=r"differentiable=True .* \(param group 1\)"):
+        opt.add_param_group({"params": [extra], "differentiable": True})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [extra], "fused": True, "foreach": None, "maximize": True})
+    assert opt.param_groups[1]["maximize"] and not opt.param_groups[0]["maximize"]
+
+
+def test_decoupled_weight_decay_is_adamw_and_foreach_warns_that_it_stays_fused():
+    assert ShardedFusedAdam([_p(3)], decoupled_weight_decay=True).param_groups[0]["decoupled_weight_decay"]
+    with pytest.warns(UserWarning, match=r"foreach=True asks torch.optim.Adam for a non-fused implementation; "
+                                         r"this optimizer always runs its fused kernel"):
+        ShardedFusedAdam([_p(3)], foreach=True)
+    with pytest.warns(UserWarning, match="fused=False asks"):
+        ShardedFusedAdam([_p(3)], fused=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ShardedFusedAdam([_p(3)], fused=True, foreach=False, capturable=False, differentiable=False)
 
 
 def test_sparse_gradients_are_rejected_with_the_param_name():

@@ -1,8 +1,9 @@
 """Adam kernel registry: interchangeable implementations behind one signature, chosen once per device.
 
 Every kernel module exposes ``adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-steps, *, lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled)`` working in place on
-contiguous 1-D fp32/fp64 tensors (steps already incremented), and
+steps, *, lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, maximize)`` working in place
+on contiguous 1-D fp32/fp64 tensors (steps already incremented; ``maximize`` ascends the
+gradient as torch.optim.Adam's does; the grads are never written), and
 ``unavailable_reason(device) -> str | None``.
 """
 from __future__ import annotations

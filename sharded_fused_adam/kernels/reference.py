@@ -34,10 +34,13 @@ def adam_step(
     weight_decay: float,
     amsgrad: bool,
     decoupled: bool,
+    maximize: bool,
 ) -> None:
     """Update ``params`` and moments in place; ``steps`` are already incremented."""
     for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         step = steps[i]
+        if maximize:
+            grad = -grad
         if weight_decay != 0:
             if decoupled:
                 param.mul_(1 - lr * weight_decay)

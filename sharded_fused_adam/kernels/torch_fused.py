@@ -52,6 +52,7 @@ def adam_step(
     weight_decay: float,
     amsgrad: bool,
     decoupled: bool,
+    maximize: bool,
 ) -> None:
     """Update ``params`` and moments in place; ``steps`` are already incremented."""
     device = params[0].device
@@ -62,4 +63,4 @@ def adam_step(
     op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
        list(max_exp_avg_sqs) if amsgrad else [], state_steps,
        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-       amsgrad=amsgrad, maximize=False)
+       amsgrad=amsgrad, maximize=maximize)
