@@ -31,8 +31,8 @@ from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, ma
 from .reducer import GradReducer
 from .replicated import ReplicatedGrads
 from .shard_state import ShardState
-from .startup import agree_on_layout, broadcast_params, describe_params, require_process_group
-from .validation import adam_defaults, check_hyperparameters, check_params
+from .startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
+from .validation import ParamRegistry, adam_defaults, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 
@@ -96,14 +96,14 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                                  capturable=capturable, differentiable=differentiable)
         opts = ShardingOptions.from_kwargs(options)
         require_process_group(opts.process_group)
-        self._taken: dict = {}
+        self._registry = ParamRegistry()
         self._buckets: list[Bucket] = []
         self._idle: list[torch.Tensor] = []
         self._grads: Optional[Union[GradReducer, ReplicatedGrads]] = None
         super().__init__(params, defaults)
-        if not self._taken:
+        if not self._registry:
             raise ValueError("params is empty: every param group has an empty 'params' list")
-        self.device = self._taken["device"][0]
+        self.device = self._registry.device
         self.comm_counter = CommCounter()
         timeout = timedelta(seconds=opts.collective_timeout) if opts.collective_timeout is not None else None
         self._plan = choose_comm_plan(opts.process_group, self.device, opts.comm, self.comm_counter, timeout)
@@ -177,7 +177,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         group, index = self.param_groups[-1], len(self.param_groups) - 1
         try:
             check_hyperparameters(group, f"param group {index}")
-            check_params(group["params"], self._param_names(index), self._taken)
+            check_params(group["params"], self._param_names(index), self._registry)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
@@ -217,19 +217,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
 
     def _adopt_unfrozen(self) -> None:
         """Give params that became trainable since construction buckets of their own (a collective)."""
-        if not any(p.numel() for p in self._idle):
-            return
-        new = {id(p) for p in self._idle if p.requires_grad and p.numel() > 0}
-        count = torch.tensor([len(new), -len(new)], dtype=torch.float32, device=self.device)
-        self._plan.all_reduce_(count, dist.ReduceOp.MAX, "all-reduce of newly trainable params")
-        if count[0].item() == 0:
-            return
-        if count[0].item() != -count[1].item():
-            raise ValueError(f"ranks disagree on which frozen params became trainable (this rank: {len(new)}); "
-                             "set requires_grad identically on every rank")
-        agree_on_layout(self._plan, describe_params(self.param_groups), self.device)
-        self._add_buckets([b for gi in range(len(self.param_groups)) for b in self._make_buckets(gi, new)])
-        self._idle = self._find_idle()
+        new = newly_trainable(self._plan, self._idle, self.param_groups, self.device)
+        if new:
+            self._add_buckets([b for gi in range(len(self.param_groups)) for b in self._make_buckets(gi, new)])
+            self._idle = self._find_idle()
 
     # ---- the step -----------------------------------------------------------------------
     @torch.no_grad()

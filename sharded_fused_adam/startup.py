@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .comm import CommPlan
 
-__all__ = ["require_process_group", "describe_params", "agree_on_layout", "broadcast_params"]
+__all__ = ["require_process_group", "describe_params", "agree_on_layout", "broadcast_params", "newly_trainable"]
 
 ParamInfo = tuple[int, tuple[int, ...], str, bool]  # (group, shape, dtype, requires_grad)
 
@@ -94,3 +94,24 @@ def broadcast_params(plan: CommPlan, params: Sequence[torch.Tensor]) -> None:
         plan.broadcast_(data, what=f"broadcast of param {i} from rank 0")
         if data is not p.data:
             p.data.copy_(data)
+
+
+def newly_trainable(plan: CommPlan, idle: Sequence[torch.Tensor], param_groups: Sequence[dict[str, Any]],
+                    device: torch.device) -> set[int]:
+    """Ids of the bucket-less params that now require a gradient, agreed by every rank.
+
+    A collective only when there are bucket-less (frozen) params. Raises ValueError on
+    every rank if the ranks unfroze different params.
+    """
+    if not any(p.numel() for p in idle):
+        return set()
+    new = {id(p) for p in idle if p.requires_grad and p.numel() > 0}
+    count = torch.tensor([len(new), -len(new)], dtype=torch.float32, device=device)
+    plan.all_reduce_(count, dist.ReduceOp.MAX, "all-reduce of newly trainable params")
+    if count[0].item() == 0:
+        return set()
+    if count[0].item() != -count[1].item():
+        raise ValueError(f"ranks disagree on which frozen params became trainable (this rank: {len(new)}); "
+                         "set requires_grad identically on every rank")
+    agree_on_layout(plan, describe_params(param_groups), device)
+    return new

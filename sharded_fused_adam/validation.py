@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["adam_defaults", "check_hyperparameters", "check_torch_flags", "check_params",
+__all__ = ["ParamRegistry", "adam_defaults", "check_hyperparameters", "check_torch_flags", "check_params",
            "SUPPORTED_DTYPES", "TORCH_IMPLEMENTATION_FLAGS"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -176,18 +177,31 @@ def check_torch_flags(flags: Mapping[str, Any], *, lr: Any, betas: Any, where: s
                       UserWarning, stacklevel=4)
 
 
-def check_params(params: Sequence[torch.Tensor], names: Sequence[str], taken: dict) -> None:
-    """Validate params against each other and against those already in ``taken``.
+@dataclass
+class ParamRegistry:
+    """The params an optimizer accepted so far: by identity, by storage, and their one device."""
 
-    ``taken`` is owned by the caller and grows with every accepted param; it is only
+    by_id: dict[int, str] = field(default_factory=dict)
+    by_storage: dict[int, str] = field(default_factory=dict)
+    device: Optional[torch.device] = None
+    first_name: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.by_id)
+
+
+def check_params(params: Sequence[torch.Tensor], names: Sequence[str], registry: ParamRegistry) -> None:
+    """Validate params against each other and against those already in ``registry``.
+
+    ``registry`` is owned by the caller and grows with every accepted param; it is only
     updated once the whole sequence passed, so a rejected group leaves it unchanged.
 
     Raises:
         TypeError: a param that is not a floating-point tensor of a supported dtype.
-        ValueError: a non-leaf, sparse, empty, duplicated or storage-sharing param, or
-            params on different devices.
+        ValueError: a non-leaf, sparse, duplicated or storage-sharing param, or params on
+            different devices.
     """
-    new: dict = {}
+    new = ParamRegistry(dict(registry.by_id), dict(registry.by_storage), registry.device, registry.first_name)
     for p, name in zip(params, names):
         if p.is_sparse or p.layout != torch.strided:
             raise ValueError(f"{name} has layout {p.layout}; only dense (strided) params can be sharded")
@@ -197,20 +211,20 @@ def check_params(params: Sequence[torch.Tensor], names: Sequence[str], taken: di
         if not p.is_leaf:
             raise ValueError(f"{name} is not a leaf tensor (it was computed from other tensors); "
                              "pass the original parameters")
-        keys = [(("id", id(p)), "is the same tensor as")]
+        checks = [(new.by_id, id(p), "is the same tensor as")]
         if p.numel():  # empty tensors own no memory to share (their data pointers may coincide)
-            keys.append((("storage", p.untyped_storage().data_ptr()), "shares storage with"))
-        for key, what in keys:
-            other = new.get(key) or taken.get(key)
-            if other is not None:
-                raise ValueError(f"{name} {what} {other}: each param may appear only once across "
+            checks.append((new.by_storage, p.untyped_storage().data_ptr(), "shares storage with"))
+        for table, key, what in checks:
+            if key in table:
+                raise ValueError(f"{name} {what} {table[key]}: each param may appear only once across "
                                  "all param groups, and params may not alias each other, because every "
                                  "param becomes a view into one flat buffer, which cannot hold the same "
                                  "memory twice (torch.optim.Adam only warns about a duplicate)")
-            new[key] = name
-        device, first = new.get("device") or taken.get("device") or (p.device, name)
-        if p.device != device:
+            table[key] = name
+        if new.device is None:
+            new.device, new.first_name = p.device, name
+        elif p.device != new.device:
             raise ValueError(f"all params must be on one device (one device per rank), got "
-                             f"{device} ({first}) and {p.device} ({name})")
-        new["device"] = (device, first)
-    taken.update(new)
+                             f"{new.device} ({new.first_name}) and {p.device} ({name})")
+    registry.by_id, registry.by_storage = new.by_id, new.by_storage
+    registry.device, registry.first_name = new.device, new.first_name
