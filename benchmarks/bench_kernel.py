@@ -104,8 +104,8 @@ def build_cases(sizes: list[int], dtype: torch.dtype, device: torch.device) -> t
 
     def ours_kernel() -> None:
         views = bucket.segment_views(tuple((start, end) for start, end, _ in segments))
-        opt._kernel.adam_step(views["master"], views["grad"], views["exp_avg"],
-                              views["exp_avg_sq"], [], [s for _, _, s in segments], lr=HYPER["lr"],
+        opt._kernel.adam_step(views.master, views.grad, views.exp_avg,
+                              views.exp_avg_sq, [], [s for _, _, s in segments], lr=HYPER["lr"],
                               beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
                               weight_decay=0.0, amsgrad=False, decoupled=False)
         bucket.publish_master()

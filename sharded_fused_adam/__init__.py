@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .checkpoint import load_full, save_full
+from .clip import clip_grad_norm_, clip_grad_value_
 from .failures import CollectiveError
 from .local_adam import FusedAdam
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
+from .options import ShardingOptions
 from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
 
@@ -13,6 +15,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ShardedFusedAdam",
     "ShardedFusedAdamW",
+    "ShardingOptions",
+    "clip_grad_norm_",
+    "clip_grad_value_",
     "FusedAdam",
     "LossScaler",
     "StaticLossScaler",

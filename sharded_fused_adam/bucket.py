@@ -11,7 +11,7 @@ after construction is overwritten by the next step unless ``load_state_dict`` or
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -23,6 +23,16 @@ __all__ = ["Bucket", "LOW_PRECISION", "STATE_KEYS"]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Per-param state tensors a checkpoint holds, in torch.optim.Adam's names (plus our fp32 master).
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+
+
+class SegmentViews(NamedTuple):
+    """The state shards cut into kernel segments: one list of views per tensor."""
+
+    master: list[torch.Tensor]
+    grad: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    max_exp_avg_sq: list[torch.Tensor]
 
 
 class Bucket:
@@ -62,7 +72,7 @@ class Bucket:
         self.grad_valid = False  # False: the shard holds no gradient since zero_grad
         self.has_grad = [False] * len(layout.slots)  # this rank, since zero_grad
         self.steps = [0] * len(layout.slots)  # Adam step count per param (same on all ranks)
-        self._views: tuple = ((), {})  # (ranges, {tensor name: views}) of the last update
+        self._views: tuple = ((), None)  # (ranges, SegmentViews) of the last update
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -71,6 +81,12 @@ class Bucket:
     @property
     def is_low_precision(self) -> bool:
         return self.master.data_ptr() != self.buffer.shard(self.rank).data_ptr()
+
+    def adopt_grad_shard(self, view: torch.Tensor) -> None:
+        """Use ``view`` (a shard of a replicated gradient buffer) as the gradient shard: no copy."""
+        assert view.shape == self.grad_shard.shape and view.dtype == self.grad_shard.dtype
+        self.grad_shard = view
+        self._views = ((), None)
 
     def ensure_amsgrad_buffer(self) -> torch.Tensor:
         if self.max_exp_avg_sq is None:
@@ -92,14 +108,16 @@ class Bucket:
             for start, end, step in kernel_segments(frags, self.layout.slots, [steps[f.slot] for f in frags])
         ]
 
-    def segment_views(self, ranges: tuple[tuple[int, int], ...]) -> dict[str, list[torch.Tensor]]:
+    def segment_views(self, ranges: tuple[tuple[int, int], ...]) -> SegmentViews:
         """Views of the state shards cut at ``ranges``, reused while the ranges stay the same
         (cutting thousands of views every step costs more than the update of ragged models)."""
         cached_ranges, views = self._views
-        tensors = {"master": self.master, "grad": self.grad_shard, "exp_avg": self.exp_avg,
-                   "exp_avg_sq": self.exp_avg_sq, "max_exp_avg_sq": self.max_exp_avg_sq}
-        if cached_ranges != ranges or views.keys() != {k for k, t in tensors.items() if t is not None}:
-            views = {k: [t.narrow(0, s, e - s) for s, e in ranges] for k, t in tensors.items() if t is not None}
+        amsgrad = self.max_exp_avg_sq is not None
+        if views is None or cached_ranges != ranges or bool(views.max_exp_avg_sq) != amsgrad:
+            def cut(t: torch.Tensor | None) -> list[torch.Tensor]:
+                return [] if t is None else [t.narrow(0, s, e - s) for s, e in ranges]
+            views = SegmentViews(cut(self.master), cut(self.grad_shard), cut(self.exp_avg),
+                                 cut(self.exp_avg_sq), cut(self.max_exp_avg_sq))
             self._views = (ranges, views)
         return views
 

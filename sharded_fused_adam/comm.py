@@ -114,6 +114,11 @@ class CommPlan:
     # exit, where tearing down gloo's threads aborts the process; torch reads group=None as
     # the default group, so that is what we keep for it.
 
+    @property
+    def moves_nothing(self) -> bool:
+        """One rank: reductions and gathers are no-ops, so gradients may land in place."""
+        return self.world_size == 1
+
     def _src(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, group_rank)
 
@@ -137,6 +142,11 @@ class CommPlan:
                         tensor).wait()
         return tensor
 
+    def all_reduce_stats(self, local: torch.Tensor, norm_type: float) -> torch.Tensor:
+        """Combine per-rank gradient statistics: MAX for the inf-norm, else SUM (precision.local_stats)."""
+        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        return self.all_reduce_(local, op, "all-reduce of step statistics")
+
     def broadcast_(self, tensor: torch.Tensor, src_rank: int = 0, what: str = "broadcast") -> torch.Tensor:
         """In-place broadcast from group rank ``src_rank``."""
         if self.world_size > 1:
@@ -151,10 +161,35 @@ class CommPlan:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         return bool(self.all_reduce_(t, dist.ReduceOp.MAX, what).item() > 0)
 
+    def all_gather_object(self, obj: object, what: str = "all-gather of objects") -> list:
+        """Every rank's ``obj`` (pickled; for small, rare exchanges such as error reports)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        self.counter.issued += 1
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    @property
+    def tag(self) -> str:
+        """Names the group in rendezvous-store keys: its global ranks."""
+        if self.world_size == 1:
+            return "local"
+        group = self.group if self.group is not None else dist.group.WORLD
+        return ",".join(str(r) for r in dist.get_process_group_ranks(group))
+
     def barrier(self, device: torch.device, what: str = "barrier") -> None:
         """Wait for every rank (an all-reduce of one element: works on every backend)."""
         if self.world_size > 1:
             self.all_reduce_(torch.zeros(1, device=device), what=what)
+
+    def all_reduce(self, flat: torch.Tensor, what: str = "gradients") -> Pending:
+        """Start summing all of ``flat`` over ranks in place (replicated gradients, any backend)."""
+        if self.world_size == 1:
+            return Pending([], flat)
+        self.counter.add("all_reduce", flat)
+        return self._issue(f"all_reduce of {what} ({_mb(flat)})", lambda: [dist.all_reduce(
+            flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], flat)
 
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard."""

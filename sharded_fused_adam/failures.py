@@ -14,11 +14,12 @@ written to the store while training runs normally.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["CollectiveError", "missing_ranks", "PROBE_SECONDS"]
+__all__ = ["CollectiveError", "missing_ranks", "store_rendezvous", "PROBE_SECONDS"]
 
 PROBE_SECONDS = 5.0
 
@@ -67,3 +68,28 @@ def collective_error(what: str, seq: int, rank: int, world_size: int, timeout_s:
              else "the process group's timeout (set ShardedFusedAdam(collective_timeout=...) to bound it)")
     return CollectiveError(f"{what} (collective #{seq}) failed on rank {rank} of {world_size} after "
                            f"{elapsed:.1f} s; {who}. Waiting is bounded by {limit}. Cause: {cause}")
+
+
+def store_rendezvous(key: str, rank: int, world_size: int, timeout_s: float) -> Optional[list[int]]:
+    """Mark ``rank`` as arrived at ``key`` and wait up to ``timeout_s`` for every rank.
+
+    Returns the ranks that never arrived (empty: all did), or None if there is no store to
+    ask. On a timeout this rank's own mark is withdrawn, so a later, complete call under
+    the same key still matches.
+    """
+    store = _store()
+    if store is None or world_size == 1:
+        return [] if world_size == 1 else None
+    prefix = f"sharded_fused_adam/rendezvous/{key}/"
+    keys = [prefix + str(r) for r in range(world_size)]
+    try:
+        store.set(keys[rank], "1")
+        try:
+            store.wait(keys, timedelta(seconds=timeout_s))
+            return []
+        except RuntimeError:  # timed out: name who is missing, withdraw our mark
+            missing = [r for r in range(world_size) if not store.check([keys[r]])]
+            store.delete_key(keys[rank])
+            return missing or []
+    except (RuntimeError, ValueError):
+        return None

@@ -21,7 +21,9 @@ class MemoryReport:
     ``padding``: the part of ``params`` that belongs to no param; ``grad_shards``: this
     rank's reduced gradient shards; ``master_shards``: fp32 masters (0 for fp32 models,
     whose shard of the flat params is the master); ``moments``: exp_avg, exp_avg_sq and
-    max_exp_avg_sq shards; ``comm_buffers``: the pooled bucket buffers gradients are reduced in.
+    max_exp_avg_sq shards; ``comm_buffers``: the pooled bucket buffers gradients are reduced in
+    (with ``grads="replicated"``: the full flat gradient buffers, whose shards are then the
+    gradient shards of fp32 params and not counted twice).
     ``num_params`` is Ψ, the number of parameter elements.
     """
 
@@ -56,7 +58,7 @@ def memory_report(buckets: Sequence[Bucket], world_size: int, comm_buffer_bytes:
         world_size=world_size,
         params=params,
         padding=params - used,
-        grad_shards=sum(_nbytes(b.grad_shard) for b in buckets),
+        grad_shards=sum(_nbytes(b.grad_shard) for b in buckets if b.grad_shard._base is None),  # not views
         master_shards=sum(_nbytes(b.master) for b in buckets if b.is_low_precision),
         moments=sum(_nbytes(b.exp_avg) + _nbytes(b.exp_avg_sq) + _nbytes(b.max_exp_avg_sq) for b in buckets),
         comm_buffers=comm_buffer_bytes,

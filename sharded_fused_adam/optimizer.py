@@ -1,13 +1,15 @@
-"""``ShardedFusedAdam``: the glue that turns buckets, a reducer, a kernel and a comm plan into Adam.
+"""``ShardedFusedAdam``: the glue that turns buckets, a gradient strategy, a kernel and a comm plan into Adam.
 
-A step reads as its three phases (see ``step``): the averaged gradients reach each rank's
-shards (reduce), each rank runs the fused kernel on its shards (update), and every rank
-receives the updated shards straight into the model's params (gather).
+A step reads as its phases (see ``step``): the averaged gradients reach each rank's shards
+(reduce), the ranks agree on the global gradient facts (statistics), each rank runs the
+fused kernel on its shards (update), and every rank receives the updated shards straight
+into the model's params (gather).
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -16,15 +18,20 @@ import torch.distributed as dist
 
 from .bucket import Bucket
 from .checkpoint import apply_state_dict, gather_state_dict
+from .clip import OWNER_ATTR
 from .comm import CommCounter, choose_comm_plan
+from .failures import CollectiveError, store_rendezvous
 from .flat_buffer import check_unmoved
+from .grad_watch import GradWatch, watch
 from .kernels import select_kernel
 from .layout import plan_buckets
 from .memory import MemoryReport, memory_report
-from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler,
-                        read_stats)
+from .options import ShardingOptions
+from .precision import GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats
 from .reducer import GradReducer
+from .replicated import ReplicatedGrads
 from .shard_state import ShardState
+from .startup import agree_on_layout, broadcast_params, describe_params, require_process_group
 from .validation import adam_defaults, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
@@ -33,12 +40,14 @@ __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 class ShardedFusedAdam(torch.optim.Optimizer):
     """ZeRO-style sharded fused Adam; a drop-in for ``NpuFusedAdam`` and ``torch.optim.Adam``.
 
-    Params are packed into flat buckets (one per param group and dtype, at most
+    Trainable params are packed into flat buckets (one per param group and dtype, at most
     ``bucket_cap_mb`` each) and become views into them. Each rank owns one equal shard of
     every bucket: gradients are averaged into that shard during backward, the fused kernel
     updates only that shard (with fp32 masters for fp16/bf16 params), and the shards are
-    gathered back into the params. After backward the gradients live in the optimizer,
-    not in ``param.grad``: clip with ``clip_grad_norm_`` or ``max_grad_norm``.
+    gathered back into the params. With ``grads="sharded"`` (default) ``param.grad`` is
+    None after backward (the optimizer holds the averaged shards): clip with ``max_grad_norm``,
+    ``opt.clip_grad_norm_`` or ``sharded_fused_adam.clip_grad_norm_``. ``grads="replicated"``
+    keeps the averaged gradients in ``param.grad``, for code that reads them.
 
     Args:
         params: params or param groups (dicts), as for any torch optimizer; ``(name, param)``
@@ -50,90 +59,81 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         amsgrad: use the AMSGrad variant.
         adamw: decoupled weight decay (``torch.optim.AdamW``); per group as
             ``decoupled_weight_decay``.
-        process_group: the data-parallel group; default: the world group if
-            torch.distributed is initialized, else a single rank.
-        kernel: ``"torch_fused"`` (default), ``"npu"`` or ``"reference"``.
-        bucket_cap_mb: soft size limit of one bucket of params, in MiB.
-        overlap: start each bucket's reduction during backward as soon as it is complete.
-        reduce_dtype: dtype in which fp16/bf16 gradients are summed across ranks (fp32 by
-            default: a bf16 sum loses bits at every hop; pass the param dtype to halve traffic).
-        comm: ``"auto"``, ``"scatter_gather"`` or ``"allreduce_broadcast"`` (see comm.py).
-        max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
-        loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
-            ``backward(loss)`` and removed inside ``step()``.
-        reduce_gradients: False if the model is wrapped in DDP, which averages the gradients
-            itself: each rank then only keeps its shard of them (no second reduction).
-        collective_timeout: seconds any of this optimizer's collectives may wait before a
-            ``CollectiveError`` names the ranks that never joined (None: the process group's
-            timeout, 30 min by default for gloo).
+        **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
+            bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
+            collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
 
     Raises:
-        ValueError: a hyperparameter out of range, empty params, a duplicated, aliased,
-            non-leaf or empty param, or params on several devices.
-        TypeError: a non-tensor param, an unsupported dtype or a hyperparameter of the wrong type.
+        ValueError: a hyperparameter or option out of range, empty params, a duplicated or
+            aliased param, params on several devices, or ranks whose params differ.
+        TypeError: a non-tensor param, an unsupported dtype, an unknown option or a value
+            of the wrong type.
+        RuntimeError: a multi-rank launch (WORLD_SIZE > 1) without a process group.
     """
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands itself to step()
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        adamw: bool = False,
-        process_group: Optional[dist.ProcessGroup] = None,
-        kernel: Optional[str] = None,
-        bucket_cap_mb: float = 25.0,
-        overlap: bool = True,
-        reduce_dtype: torch.dtype = torch.float32,
-        comm: str = "auto",
-        max_grad_norm: Optional[float] = None,
-        loss_scale: Union[None, float, str, LossScaler] = None,
-        collective_timeout: Optional[float] = None,
-        reduce_gradients: bool = True,
-    ):
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, adamw: bool = False,
+                 **options: Any):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
                             f"got a single Tensor of shape {tuple(params.shape)}")
         params = list(params)
         if not params:
             raise ValueError("params is empty: ShardedFusedAdam needs at least one parameter")
-        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw)
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
-        if collective_timeout is not None and not collective_timeout > 0:
-            raise ValueError(f"collective_timeout must be > 0 seconds or None, got {collective_timeout}")
-        if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"reduce_dtype must be torch.float32, bfloat16 or float16, got {reduce_dtype}")
-        self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        opts = ShardingOptions.from_kwargs(options)
+        require_process_group(opts.process_group)
         self._taken: dict = {}
         self._buckets: list[Bucket] = []
-        self._reducer: Optional[GradReducer] = None
-        super().__init__(params, defaults)
+        self._idle: list[torch.Tensor] = []
+        self._grads: Optional[Union[GradReducer, ReplicatedGrads]] = None
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, amsgrad, adamw))
         if not self._taken:
             raise ValueError("params is empty: every param group has an empty 'params' list")
         self.device = self._taken["device"][0]
         self.comm_counter = CommCounter()
-        timeout = timedelta(seconds=collective_timeout) if collective_timeout is not None else None
-        self._plan = choose_comm_plan(process_group, self.device, comm, self.comm_counter, timeout)
+        timeout = timedelta(seconds=opts.collective_timeout) if opts.collective_timeout is not None else None
+        self._plan = choose_comm_plan(opts.process_group, self.device, opts.comm, self.comm_counter, timeout)
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
-        self._kernel = select_kernel(kernel, self.device)
-        self.max_grad_norm = max_grad_norm  # validated by the setter, before any param is packed
-        self._loss_scaler = make_loss_scaler(loss_scale)
+        self._options = ShardingOptions.from_kwargs({**options, "process_group": None})  # no group ref kept
+        self._kernel = select_kernel(opts.kernel, self.device)
+        self.max_grad_norm = opts.max_grad_norm
+        self._loss_scaler = make_loss_scaler(opts.loss_scale)
         self._stats: dict[float, GradStats] = {}
         self._pending_clips: list[tuple[float, float]] = []
-        self._warned_no_grads = False
+        self._warned: set[str] = set()
+        self._num_skipped = 0
+        self._state_dict_calls = 0
+        self._snapshot: Optional[tuple[int, dict]] = None
+        self._version = 0  # bumps whenever the state changes (step, load): invalidates a snapshot
         self.overflow = False
         self._global_grad_norm: Optional[float] = None
         self.last_step_comm_bytes: dict[str, int] = {}
+        self._watch = GradWatch()
+        agree_on_layout(self._plan, describe_params(self.param_groups), self.device)
+        if opts.broadcast_params:
+            broadcast_params(self._plan, [p for g in self.param_groups for p in g["params"]])
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
-        self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap,
-                                    reduce=reduce_gradients)
+        self._grads = self._make_gradient_strategy(self._buckets)
+        self._idle = self._find_idle()
+
+    def _make_gradient_strategy(self, buckets: list[Bucket]) -> Union[GradReducer, ReplicatedGrads]:
+        """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
+        o = self._options
+        if o.grads == "replicated":
+            self._own([p for b in buckets for p in b.params])
+            return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
+        self._own([p for b in buckets for p in b.params])
+        watch([p for b in buckets for p in b.params], self._watch)
+        return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
+                           reduce=o.reduce_gradients, grad_watch=self._watch)
+
+    def _own(self, params: list[torch.Tensor]) -> None:
+        ref = weakref.ref(self)
+        for p in params:
+            setattr(p, OWNER_ATTR, ref)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -145,6 +145,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if value is not None and not value > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
         self._max_grad_norm = None if value is None else float(value)
+
+    @property
+    def options(self) -> ShardingOptions:
+        """The options this optimizer was built with (``process_group`` not kept: see below)."""
+        return self._options
 
     @property
     def process_group(self) -> Optional[dist.ProcessGroup]:
@@ -164,10 +169,16 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        if self._reducer is not None:
-            buckets = self._make_buckets(index)
-            self._buckets.extend(buckets)
-            self._reducer.add_buckets(buckets)
+        if self._grads is not None:
+            self._add_buckets(self._make_buckets(index))
+            self._idle = self._find_idle()
+
+    def _add_buckets(self, buckets: list[Bucket]) -> None:
+        self._own([p for b in buckets for p in b.params])
+        self._buckets.extend(buckets)
+        if isinstance(self._grads, GradReducer):
+            watch([p for b in buckets for p in b.params], self._watch)
+        self._grads.add_buckets(buckets)
 
     def _param_names(self, group_index: int) -> list[str]:
         group = self.param_groups[group_index]
@@ -177,22 +188,45 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         return [f"param {first + i} (group {group_index}, shape {tuple(p.shape)}, {p.dtype})"
                 for i, p in enumerate(group["params"])]
 
-    def _make_buckets(self, group_index: int) -> list[Bucket]:
+    def _find_idle(self) -> list[torch.Tensor]:
+        """Params with no bucket: frozen at construction, or empty."""
+        bucketed = {id(p) for b in self._buckets for p in b.params}
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in bucketed]
+
+    def _make_buckets(self, group_index: int, only: Optional[set[int]] = None) -> list[Bucket]:
+        """Buckets for the group's trainable, non-empty params (frozen ones cost nothing)."""
         group = self.param_groups[group_index]
         first = sum(len(g["params"]) for g in self.param_groups[:group_index])
         names = self._param_names(group_index)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(group["params"]):
-            by_dtype.setdefault(p.dtype, []).append(i)
+            if p.requires_grad and p.numel() > 0 and (only is None or id(p) in only):
+                by_dtype.setdefault(p.dtype, []).append(i)
         buckets = []
         for dtype, members in by_dtype.items():
-            cap = max(1, self._bucket_cap_bytes // torch.empty((), dtype=dtype).element_size())
+            cap = max(1, int(self._options.bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
             order = [(first + i, group["params"][i].numel()) for i in reversed(members)]
             for layout in plan_buckets(order, world_size=self.world_size, bucket_numel=cap):
                 local = [s.index - first for s in layout.slots]
                 buckets.append(Bucket(layout, [group["params"][i] for i in local],
                                       [names[i] for i in local], group_index, self.rank))
         return buckets
+
+    def _adopt_unfrozen(self) -> None:
+        """Give params that became trainable since construction buckets of their own (a collective)."""
+        if not any(p.numel() for p in self._idle):
+            return
+        new = {id(p) for p in self._idle if p.requires_grad and p.numel() > 0}
+        count = torch.tensor([len(new), -len(new)], dtype=torch.float32, device=self.device)
+        self._plan.all_reduce_(count, dist.ReduceOp.MAX, "all-reduce of newly trainable params")
+        if count[0].item() == 0:
+            return
+        if count[0].item() != -count[1].item():
+            raise ValueError(f"ranks disagree on which frozen params became trainable (this rank: {len(new)}); "
+                             "set requires_grad identically on every rank")
+        agree_on_layout(self._plan, describe_params(self.param_groups), self.device)
+        self._add_buckets([b for gi in range(len(self.param_groups)) for b in self._make_buckets(gi, new)])
+        self._idle = self._find_idle()
 
     # ---- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -211,19 +245,16 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         loss_scale = self._loss_scale_for_step(grad_scaler)
-        stats = self._grad_stats(2.0)                             # 1. reduce into shards
-        self.overflow = stats.found_inf
-        self._global_grad_norm = stats.norm / loss_scale
-        if grad_scaler is not None:
-            self._report_to_grad_scaler(grad_scaler, stats.found_inf)
-        else:
-            self._loss_scaler.update(stats.found_inf)
+        self._reduce()                                            # 1. reduce
+        stats = self._grad_stats(2.0)                             # 2. statistics
+        self._record_verdict(stats, loss_scale, grad_scaler)
         if not stats.found_inf:
             multiplier = self._clip_coefficient(loss_scale) / loss_scale
-            self._update_shards(stats.has_grad, multiplier)       # 2. fused kernel on own shards
-            self._gather_params(stats.has_grad)                   # 3. gather into the params
-        self._pending_clips = []
-        self._stats = {}
+            self._update_shards(stats.has_grad, multiplier)       # 3. update own shards
+            self._gather_params(stats.has_grad)                   # 4. gather into the params
+        self._grads.end_step()
+        self._pending_clips, self._stats = [], {}
+        self._version += 1
         self.last_step_comm_bytes = dict(self.comm_counter.bytes_by_op)
         self.comm_counter.reset()
         return loss
@@ -234,6 +265,37 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if self._loss_scaler.scale != 1.0 or type(self._loss_scaler) is not LossScaler:
             raise ValueError("use either ShardedFusedAdam(loss_scale=...) or torch.amp.GradScaler, not both")
         return float(grad_scaler.get_scale())
+
+    def _reduce(self) -> None:
+        """Finish every reduction so the shards hold the averaged gradients: a collective."""
+        check_unmoved([b.buffer for b in self._buckets])
+        self._adopt_unfrozen()
+        if self._grads.finish():
+            self._stats = {}
+        if self._watch.read_none_while_held:
+            self._watch.read_none_while_held = False
+            self._warn_once("read_none", (
+                "param.grad was read between backward and step() and was None: with grads='sharded' (the "
+                "default) the averaged gradients live in the optimizer, so torch.nn.utils.clip_grad_norm_ / "
+                "clip_grad_value_, GradScaler.unscale_ and gradient logging over param.grad see nothing and "
+                "clip nothing. Clip with ShardedFusedAdam(max_grad_norm=...), opt.clip_grad_norm_(max_norm) "
+                "or sharded_fused_adam.clip_grad_norm_(params, max_norm), or build the optimizer with "
+                "grads='replicated' to keep the averaged gradients in param.grad."))
+
+    def _record_verdict(self, stats: GradStats, loss_scale: float, grad_scaler: Any) -> None:
+        self.overflow = stats.found_inf
+        self._global_grad_norm = stats.norm / loss_scale
+        if grad_scaler is not None:
+            self._report_to_grad_scaler(grad_scaler, stats.found_inf)
+            return
+        self._loss_scaler.update(stats.found_inf)
+        if stats.found_inf and type(self._loss_scaler) is LossScaler:
+            self._num_skipped += 1
+            if self._num_skipped in (1, 10) or self._num_skipped % 100 == 0:  # rate-limited
+                warnings.warn(f"step() skipped: a gradient on some rank is inf or NaN ({self._num_skipped} "
+                              "step(s) skipped so far, step counts did not advance). Without a loss scaler "
+                              "nothing lowers the scale: check the loss/learning rate, or use "
+                              "loss_scale='dynamic' or torch.amp.GradScaler for fp16.", RuntimeWarning, stacklevel=3)
 
     def _report_to_grad_scaler(self, grad_scaler: Any, found_inf: bool) -> None:
         # GradScaler.update() reads found_inf_per_device; the stock scaler cannot see our
@@ -248,24 +310,23 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             grad_scaler._has_overflow = bool(found_inf)
 
     def _grad_stats(self, norm_type: float) -> GradStats:
-        """Finish the reductions and compute (or reuse) the global gradient facts: a collective."""
-        check_unmoved([b.buffer for b in self._buckets])
-        if self._reducer.finish():
-            self._stats = {}
+        """The global gradient facts (overflow, norm, which params have a gradient): a collective, cached."""
         if norm_type not in self._stats:
             shards = [b.grad_shard for b in self._buckets if b.grad_valid]
             flags = [flag for b in self._buckets for flag in b.has_grad]
             local = local_stats(shards, flags, norm_type, self.device)
-            op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
-            self._stats[norm_type] = read_stats(self._plan.all_reduce_(local, op), norm_type)
+            self._stats[norm_type] = read_stats(self._plan.all_reduce_stats(local, norm_type), norm_type)
         return self._stats[norm_type]
 
     def _clip_coefficient(self, loss_scale: float) -> float:
-        clips = list(self._pending_clips)
+        coef = self._clip_coefficient_pending(loss_scale)
         if self._max_grad_norm is not None:
-            clips.append((self._max_grad_norm, 2.0))
+            coef = min(coef, clip_coefficient(self._grad_stats(2.0).norm / loss_scale, self._max_grad_norm))
+        return coef
+
+    def _clip_coefficient_pending(self, loss_scale: float) -> float:
         coef = 1.0
-        for max_norm, norm_type in clips:
+        for max_norm, norm_type in self._pending_clips:
             coef = min(coef, clip_coefficient(self._grad_stats(norm_type).norm / loss_scale, max_norm))
         return coef
 
@@ -277,13 +338,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             start += n
 
     def _update_shards(self, has_grad: tuple[bool, ...], multiplier: float) -> None:
-        if not any(has_grad) and not self._warned_no_grads:
-            self._warned_no_grads = True
-            warnings.warn("step() found no gradient for any parameter on any rank; if the model's "
-                          "parameters were replaced (module.weight = ..., load_state_dict(assign=True)) "
-                          "after the optimizer was built, it no longer trains them", RuntimeWarning)
+        if not any(has_grad):
+            self._warn_once("no_grads", (
+                "step() found no gradient for any parameter on any rank. If the model's parameters were "
+                "replaced (module.weight = ..., load_state_dict(assign=True)) after the optimizer was built, "
+                "it no longer trains them."))
         if multiplier != 1.0:
-            torch._foreach_mul_([b.grad_shard for b in self._buckets if b.grad_valid], multiplier)
+            self._grads.scale_(multiplier)
         for bucket, mask in self._bucket_masks(has_grad):
             if self.param_groups[bucket.group_index]["amsgrad"]:
                 bucket.ensure_amsgrad_buffer()  # on every rank, even one whose shard is all padding
@@ -299,8 +360,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         views = bucket.segment_views(tuple((start, end) for start, end, _ in segments))
         amsgrad = bool(group["amsgrad"])
         self._kernel.adam_step(
-            views["master"], views["grad"], views["exp_avg"], views["exp_avg_sq"],
-            views["max_exp_avg_sq"] if amsgrad else [], [s for _, _, s in segments],
+            views.master, views.grad, views.exp_avg, views.exp_avg_sq,
+            views.max_exp_avg_sq if amsgrad else [], [s for _, _, s in segments],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
             decoupled=bool(group["decoupled_weight_decay"]),
@@ -311,6 +372,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                    for b, (bucket, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
         for p in pending:
             p.wait()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # ---- gradients, scaling, clipping ------------------------------------------------------
     @torch.no_grad()
@@ -330,9 +396,29 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
+        self._reduce()
         norm = self._grad_stats(norm_type).norm / self._loss_scaler.scale
         self._pending_clips.append((max_norm, norm_type))
         return torch.tensor(norm)
+
+    clip_grad_norm = clip_grad_norm_  # the name the Hugging Face Trainer looks for
+
+    @torch.no_grad()
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamp every averaged gradient to ``[-clip_value, clip_value]`` now; a collective.
+
+        Raises:
+            ValueError: ``clip_value`` < 0.
+        """
+        clip_value = float(clip_value)
+        if not clip_value >= 0:
+            raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+        self._reduce()
+        if self._pending_clips:  # a norm clip asked for earlier applies first, as in torch
+            self._grads.scale_(self._clip_coefficient_pending(self._loss_scaler.scale))
+            self._pending_clips = []
+        self._grads.clamp_(clip_value * self._loss_scaler.scale)
+        self._stats = {}
 
     def get_global_grad_norm(self) -> Optional[float]:
         """The global 2-norm of the unscaled averaged gradients at the last ``step()``."""
@@ -350,25 +436,53 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     cur_scale = loss_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop (or zero) the gradient shards and any ``param.grad`` left on the params."""
-        self._reducer.zero_grad(set_to_none)
-        self._stats = {}
-        self._pending_clips = []
+        """Drop (or zero) the gradients, wherever they live (shards or ``param.grad``)."""
+        self._grads.zero_grad(set_to_none)
+        for p in self._idle:  # frozen and empty params, which have no bucket
+            if p.grad is not None:
+                p.grad = None if set_to_none else p.grad.detach_().zero_()
+        self._stats, self._pending_clips = {}, []
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Inside, backward accumulates into ``param.grad`` without communicating; the
         next backward outside (or ``step()``) reduces the sum once."""
-        return self._reducer.no_sync()
+        return self._grads.no_sync()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self, *, rank0_only: bool = False, offload_to_cpu: bool = True) -> dict[str, Any]:
         """The full state in ``torch.optim.Adam``'s layout (see checkpoint.py). A collective.
 
+        Every rank must call it, unless ``snapshot_state_dict()`` ran on every rank since the
+        last step: then any rank alone gets the snapshot without communicating.
+
         Args:
             rank0_only: return the dict on rank 0 only (``{}`` elsewhere).
             offload_to_cpu: put the state tensors on the CPU (else on the params' device).
+
+        Raises:
+            CollectiveError: not every rank called it within ``state_dict_timeout`` seconds.
         """
-        return gather_state_dict(self.shard_state(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
+        if self._snapshot is not None and self._snapshot[0] == self._version:
+            return {} if rank0_only and self.rank != 0 else self._snapshot[1]
+        self._state_dict_calls += 1
+        missing = store_rendezvous(f"state_dict/{self._plan.tag}/{self._state_dict_calls}", self.rank,
+                                   self.world_size, self._options.state_dict_timeout)
+        if missing:
+            self._state_dict_calls -= 1
+            raise CollectiveError(
+                f"state_dict() is a collective, but rank(s) {missing} did not call it within "
+                f"state_dict_timeout={self._options.state_dict_timeout:g} s (rank {self.rank} of "
+                f"{self.world_size} did). Call it on every rank: `sd = opt.state_dict()` then "
+                "`if rank == 0: torch.save(sd, path)`; or `opt.state_dict(rank0_only=True)` on every rank; "
+                "or `opt.snapshot_state_dict()` on every rank first, after which one rank may call "
+                "state_dict() alone.")
+        return gather_state_dict(self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
+
+    def snapshot_state_dict(self) -> None:
+        """Gather the state dict on every rank (a collective) and keep it until the next step or load."""
+        self._snapshot = None
+        state = self.state_dict()
+        self._snapshot = (self._version, state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
@@ -380,17 +494,22 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         Raises:
             ValueError: the dict does not fit this optimizer (nothing is changed then).
         """
-        apply_state_dict(self.shard_state(), state_dict)
-        self._stats = {}
+        apply_state_dict(self._view(), state_dict)
+        self._stats, self._version = {}, self._version + 1
 
     def shard_state(self) -> ShardState:
-        """The read-only view of this rank's shards that checkpoint formats work on."""
+        """The view of this rank's shards that checkpoint formats work on (a loader may write
+        through ``Bucket.load_state``, so a state-dict snapshot is dropped)."""
+        self._version += 1
+        return self._view()
+
+    def _view(self) -> ShardState:
         return ShardState(tuple(self._buckets), self.param_groups, self._plan, self._loss_scaler,
                           self._kernel.name, self.device)
 
     def memory_report(self) -> MemoryReport:
-        """Bytes this rank holds for params, gradient shards, masters, moments and comm buffers."""
-        return memory_report(self._buckets, self.world_size, self._reducer.comm_buffer_bytes())
+        """Bytes this rank holds for params, gradients, masters, moments and comm buffers."""
+        return memory_report(self._buckets, self.world_size, self._grads.comm_buffer_bytes())
 
     @torch.no_grad()
     def refresh_masters(self) -> None:
@@ -403,16 +522,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
 class ShardedFusedAdamW(ShardedFusedAdam):
     """``ShardedFusedAdam`` with decoupled weight decay (``torch.optim.AdamW``), default 1e-2."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        **kwargs: Any,
-    ):
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any):
         if "adamw" in kwargs:
             raise TypeError("ShardedFusedAdamW always uses decoupled weight decay; do not pass adamw")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, adamw=True, **kwargs)

@@ -1,4 +1,4 @@
-"""Gradient path: backward hooks copy grads into bucket buffers and reduce them into shards.
+"""Sharded gradients (ZeRO-2): backward hooks copy grads into bucket buffers and reduce them into shards.
 
 [Note: gradient path]
 A post-accumulate-grad hook on every trainable param copies ``param.grad`` into its slot
@@ -12,21 +12,47 @@ the autograd engine ends every backward: it starts the buckets still waiting (pa
 without a gradient count as zeros). ``finish()`` waits for all reductions and folds each
 rank's summed slice, divided by the world size, into its gradient shard; gradients set by
 hand (``param.grad = ...``) or accumulated under ``no_sync()`` are collected there too.
+The shards outlive the step as ``param.grad`` does in torch; zeroing done elsewhere
+(``model.zero_grad()``, ``param.grad = ...``) reaches them through
+[Note: watching param.grad].
 Every rank must run the same number of backward passes per step, as with DDP.
+
+[Note: DDP-wrapped models]
+A model wrapped in ``DistributedDataParallel`` (directly, by Accelerate or by the Hugging
+Face Trainer) has its gradients averaged by DDP, which writes them into ``param.grad`` when
+its backward ends. At the first backward the reducer looks for a live DDP module holding
+these params (``find_ddp``); if there is one, it stops reducing and from then on takes
+each rank's slice of DDP's averaged gradient at ``finish()``, leaving ``param.grad`` in
+place as torch does. ``reduce_gradients=False`` forces that path, ``True`` forbids it.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from collections import deque
-from typing import Iterator, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .bucket import LOW_PRECISION, Bucket
 from .comm import CommPlan, Pending
+from .grad_watch import GradWatch, raw_grad, set_raw_grad
 
-__all__ = ["GradReducer"]
+__all__ = ["GradReducer", "find_ddp"]
+
+
+def find_ddp(params: Sequence[torch.Tensor]) -> bool:
+    """Whether a live ``DistributedDataParallel`` module holds any of ``params`` (a gc scan, once)."""
+    ddp_type = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    if ddp_type is None:
+        return False
+    ours = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if isinstance(obj, ddp_type) and any(id(p) in ours for p in obj.module.parameters()):
+            return True
+    return False
 
 
 class _CommBuffer:
@@ -48,13 +74,32 @@ class _CommBuffer:
         return views
 
 
-class _BucketPlan(NamedTuple):
-    """Fixed per-bucket facts the hot path reads."""
+@dataclass(eq=False)
+class _Record:
+    """One bucket: fixed facts the hot path reads, and the state of the current round."""
 
+    index: int
+    bucket: Bucket
     comm_dtype: torch.dtype
-    in_place: bool  # one rank, same dtype: gradients land in the shard directly
+    in_place: bool  # the plan moves nothing and the dtypes match: grads land in the shard itself
     predivide: bool  # an fp16 sum over ranks can overflow where the average would not
     gaps: tuple[tuple[int, int], ...]
+    expected: int = 0  # hooked params: the bucket is complete when all of them reported
+    filled: list[bool] = field(default_factory=list)
+    num_filled: int = 0
+    launched: bool = False
+    buffer: Optional[_CommBuffer] = None
+    shard_buffer: Optional[_CommBuffer] = None  # the in-place path's buffer (keeps its slot views)
+
+    def new_round(self) -> None:
+        self.filled = [False] * len(self.bucket.params)
+        self.num_filled = 0
+        self.launched = False
+        self.buffer = None
+
+    @property
+    def complete(self) -> bool:
+        return self.num_filled >= self.expected
 
 
 class _SumOverRanks:
@@ -70,11 +115,7 @@ class _SumOverRanks:
 
 
 class _AlreadyAveraged:
-    """Gradients were averaged already (a DDP-wrapped model): keep this rank's slice, no comm.
-
-    No hooks: DDP writes the averaged gradients into ``param.grad`` only when its backward
-    ends, so they are collected at ``finish()``.
-    """
+    """Gradients were averaged already (see [Note: DDP-wrapped models]): keep this rank's slice."""
 
     hooks = False
     divisor = 1
@@ -101,10 +142,12 @@ class GradReducer:
         plan: the collectives to use.
         reduce_dtype: dtype to communicate fp16/bf16 gradients in (fp32/fp64 grads travel as is).
         overlap: start each bucket's reduction during backward; False waits for its end.
-        reduce: False when the gradients arrive averaged already (the model is wrapped in DDP).
+        reduce: True: always reduce; False: gradients arrive averaged (DDP); None: find out
+            at the first backward (see [Note: DDP-wrapped models]).
         max_inflight: reductions in flight before a new buffer waits for the oldest. 4 measured
             faster than 2 on gloo (backward stalled in ``_acquire``) and no slower than 8; it
             bounds the buffer pool at 4 buckets.
+        grad_watch: what other code does with ``param.grad`` (see [Note: watching param.grad]).
     """
 
     def __init__(
@@ -114,63 +157,61 @@ class GradReducer:
         *,
         reduce_dtype: torch.dtype,
         overlap: bool,
-        reduce: bool = True,
+        reduce: Optional[bool] = None,
         max_inflight: int = 4,
+        grad_watch: Optional[GradWatch] = None,
     ):
-        self._buckets: list[Bucket] = []
         self._plan = plan
         self._reduce_dtype = reduce_dtype
         self._overlap = overlap
-        self._averaging = _SumOverRanks(plan) if reduce else _AlreadyAveraged(plan)
+        self._averaging = _AlreadyAveraged(plan) if reduce is False else _SumOverRanks(plan)
+        self._detect_ddp = reduce is None
         self._max_inflight = max_inflight
-        self._where: dict[int, tuple[int, int]] = {}
+        self._records: list[_Record] = []
+        self._where: dict[int, tuple[_Record, int]] = {}
         self._hooks: list = []
-        self._hooked: set[int] = set()
-        self._plans: list[_BucketPlan] = []
-        self._in_place_buffers: dict[int, _CommBuffer] = {}
-        self._expected: list[int] = []
-        self._order: list[int] | None = None
+        self._order: list[int] | None = None  # None until the first backward taught it
         self._arrivals: list[int] = []
-        self._inflight: deque[tuple[int, Pending, _CommBuffer | None]] = deque()
+        self._next = 0  # position in the order of the next bucket to launch
+        self._inflight: deque[tuple[_Record, Pending, _CommBuffer]] = deque()
         self._pool: dict[torch.dtype, list[_CommBuffer]] = {}
         self._sync = True
         self._callback_queued = False
         self._reduced_since_finish = False
+        self._watch = grad_watch if grad_watch is not None else GradWatch()
         self.add_buckets(buckets)
 
     # ---- construction -------------------------------------------------------------------
     def add_buckets(self, buckets: Sequence[Bucket]) -> None:
-        """Take over more buckets (``add_param_group``); they join the end of the order."""
-        ref = weakref.ref(self)
+        """Take over more buckets (``add_param_group``, unfrozen params); they join the end of the order."""
         for bucket in buckets:
-            b = len(self._buckets)
-            self._buckets.append(bucket)
-            comm_dtype = self.comm_dtype(bucket)
-            self._plans.append(_BucketPlan(
-                comm_dtype, self._plan.world_size == 1 and comm_dtype == bucket.grad_shard.dtype,
-                comm_dtype == torch.float16 and self._averaging.divisor > 1, bucket.layout.gaps()))
-            hooked = 0
+            comm_dtype = self._reduce_dtype if bucket.buffer.dtype in LOW_PRECISION else bucket.buffer.dtype
+            record = _Record(len(self._records), bucket, comm_dtype,
+                             self._plan.moves_nothing and comm_dtype == bucket.grad_shard.dtype,
+                             comm_dtype == torch.float16 and self._averaging.divisor > 1, bucket.layout.gaps())
+            record.new_round()
+            self._records.append(record)
             for slot, p in enumerate(bucket.params):
-                self._where[id(p)] = (b, slot)
+                self._where[id(p)] = (record, slot)
                 if p.requires_grad and self._averaging.hooks:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
-                    self._hooked.add(id(p))
-                    hooked += 1
-            self._expected.append(hooked)
+                    self._hook_param(p, record)
             if self._order is not None:
-                self._order.append(b)
-        self._new_round()
+                self._order.append(record.index)
 
-    def _new_round(self) -> None:
-        n = len(self._buckets)
-        self._filled = [[False] * len(bk.layout.slots) for bk in self._buckets]
-        self._num_filled = [0] * n
-        self._launched = [False] * n
-        self._fill_buffer: list[_CommBuffer | None] = [None] * n
-        self._next = 0
+    def _hook_param(self, p: torch.Tensor, record: _Record) -> None:
+        ref = weakref.ref(self)
+        self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
+        record.expected += 1
 
-    def comm_dtype(self, bucket: Bucket) -> torch.dtype:
-        return self._reduce_dtype if bucket.buffer.dtype in LOW_PRECISION else bucket.buffer.dtype
+    @property
+    def reduces(self) -> bool:
+        """False once the gradients are known to arrive averaged (a DDP-wrapped model)."""
+        return isinstance(self._averaging, _SumOverRanks)
+
+    @property
+    def num_launched(self) -> int:
+        """Buckets of the current backward whose reduction has started."""
+        return sum(r.launched for r in self._records)
 
     # ---- backward -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -183,27 +224,40 @@ class GradReducer:
             self._sync = previous
 
     def on_grad_ready(self, param: torch.Tensor) -> None:
+        if self._detect_ddp:
+            self._detect_ddp = False
+            if find_ddp([p for r in self._records for p in r.bucket.params]):
+                self._averaging = _AlreadyAveraged(self._plan)
+                self.remove_hooks()
+                return
+        if self._watch.phase != GradWatch.BACKWARD:
+            self._forget_touched()
+            self._watch.phase = GradWatch.BACKWARD
         if not self._sync:
             return
-        b, slot = self._where[id(param)]
+        record, slot = self._where[id(param)]
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
         if self._order is None:  # first backward: only learn the completion order
-            self._num_filled[b] += 1
-            if self._num_filled[b] == self._expected[b]:
-                self._arrivals.append(b)
+            record.num_filled += 1
+            if record.complete:
+                self._arrivals.append(record.index)
             return
-        if self._launched[b] or self._filled[b][slot]:
+        if record.launched or record.filled[slot]:
             return  # collected at finish() instead
-        self._copy_in(b, slot)
-        if self._overlap and self._num_filled[b] == self._expected[b]:
-            while self._next < len(self._order):
-                nb = self._order[self._next]
-                if self._num_filled[nb] < self._expected[nb]:
-                    break
-                self._launch(nb)
-                self._next += 1
+        self._copy_in(record, slot)
+        if self._overlap and record.complete:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch, in the agreed order, every bucket up to the first incomplete one."""
+        while self._next < len(self._order):
+            record = self._records[self._order[self._next]]
+            if not record.complete:
+                break
+            self._launch(record)
+            self._next += 1
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -213,93 +267,93 @@ class GradReducer:
         if self._order is None:
             self._order = self._agree_on_order()
         for b in self._order[self._next:]:
-            self._launch(b)
-        self._new_round()
+            self._launch(self._records[b])
+        for record in self._records:
+            record.new_round()
+        self._next = 0
         self._reduced_since_finish = True
+        if self.reduces:
+            self._watch.phase = GradWatch.HELD
 
     def _agree_on_order(self) -> list[int]:
-        n = len(self._buckets)
         seen = list(dict.fromkeys(self._arrivals))
-        local = seen + [b for b in range(n) if b not in seen]
-        order = torch.tensor(local, dtype=torch.int64, device=self._buckets[0].master.device)
+        local = seen + [r.index for r in self._records if r.index not in seen]
+        order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.master.device)
         return self._plan.broadcast_(order, what="broadcast of the bucket order").tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
-    def _acquire(self, b: int) -> _CommBuffer:
-        bucket, plan = self._buckets[b], self._plans[b]
-        if plan.in_place:
-            if b not in self._in_place_buffers:
-                self._in_place_buffers[b] = _CommBuffer(bucket.grad_shard, owner=b)
-            return self._in_place_buffers[b]
+    def _acquire(self, record: _Record) -> _CommBuffer:
+        bucket = record.bucket
+        if record.in_place:
+            if record.shard_buffer is None:
+                record.shard_buffer = _CommBuffer(bucket.grad_shard, owner=record.index)
+            return record.shard_buffer
         while len(self._inflight) >= self._max_inflight:
             self._complete_oldest()
-        dtype = plan.comm_dtype
-        pool = self._pool.setdefault(dtype, [])
+        pool = self._pool.setdefault(record.comm_dtype, [])
         need = bucket.layout.padded_numel
         fits = [cb for cb in pool if cb.tensor.numel() >= need]
         if fits:
             cb = min(fits, key=lambda c: c.tensor.numel())
             pool.remove(cb)
         else:
-            cb = _CommBuffer(torch.empty(need, dtype=dtype, device=bucket.master.device))
-        if cb.owner != b:
-            for start, end in plan.gaps:
+            cb = _CommBuffer(torch.empty(need, dtype=record.comm_dtype, device=bucket.master.device))
+        if cb.owner != record.index:
+            for start, end in record.gaps:
                 cb.tensor.narrow(0, start, end - start).zero_()
-            cb.owner = b
+            cb.owner = record.index
         return cb
 
-    def _copy_in(self, b: int, slot: int) -> None:
-        bucket = self._buckets[b]
-        cb = self._fill_buffer[b]
-        if cb is None:
-            cb = self._fill_buffer[b] = self._acquire(b)
+    def _copy_in(self, record: _Record, slot: int) -> None:
+        bucket = record.bucket
+        if record.buffer is None:
+            record.buffer = self._acquire(record)
         p = bucket.params[slot]
-        grad = p.grad
+        grad = raw_grad(p)
         if grad.is_sparse:
             raise RuntimeError(f"{bucket.buffer.names[slot]} has a sparse gradient; ShardedFusedAdam "
                                "needs dense gradients (e.g. nn.Embedding(sparse=False))")
         if grad.shape != p.shape or grad.dtype != p.dtype:
             raise RuntimeError(f"{bucket.buffer.names[slot]} has a gradient of shape {tuple(grad.shape)} and "
                                f"dtype {grad.dtype}; the param has shape {tuple(p.shape)} and dtype {p.dtype}")
-        plan = self._plans[b]
-        dst = cb.slot_views(b, bucket)[slot]
-        if plan.in_place and bucket.grad_valid:
+        dst = record.buffer.slot_views(record.index, bucket)[slot]
+        if record.in_place and bucket.grad_valid:
             dst.add_(grad)
         else:
             dst.copy_(grad)
-        if plan.predivide:
+        if record.predivide:
             dst.div_(self._averaging.divisor)
-        p.grad = None
+        if self._averaging.hooks:
+            set_raw_grad(p, None)  # DDP's gradients stay where torch leaves them
         bucket.has_grad[slot] = True
-        self._filled[b][slot] = True
-        self._num_filled[b] += 1
+        record.filled[slot] = True
+        record.num_filled += 1
 
-    def _launch(self, b: int) -> None:
-        bucket = self._buckets[b]
+    def _launch(self, record: _Record) -> None:
+        bucket = record.bucket
         for slot, p in enumerate(bucket.params):
-            if p.grad is not None and not self._filled[b][slot]:
-                self._copy_in(b, slot)
-        cb = self._fill_buffer[b] or self._acquire(b)
-        self._fill_buffer[b] = None
-        self._launched[b] = True
-        in_place = self._plans[b].in_place
+            if raw_grad(p) is not None and not record.filled[slot]:
+                self._copy_in(record, slot)
+        cb = record.buffer or self._acquire(record)
+        record.buffer = None
+        record.launched = True
         flat = cb.tensor.narrow(0, 0, bucket.layout.padded_numel)
-        if not (in_place and bucket.grad_valid):  # an accumulating shard keeps what absent params had
-            views = cb.slot_views(b, bucket)
-            for slot, filled in enumerate(self._filled[b]):
+        if not (record.in_place and bucket.grad_valid):  # an accumulating shard keeps what absent params had
+            views = cb.slot_views(record.index, bucket)
+            for slot, filled in enumerate(record.filled):
                 if not filled:
                     views[slot].zero_()
-        if in_place:
+        if record.in_place:
             bucket.grad_valid = True
             return
         out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._averaging.needs_output else None
-        self._inflight.append((b, self._averaging.start(flat, out, f"gradients of bucket {b}"), cb))
+        self._inflight.append((record, self._averaging.start(flat, out, f"gradients of bucket {record.index}"), cb))
 
     def _complete_oldest(self) -> None:
-        b, pending, cb = self._inflight.popleft()
+        record, pending, cb = self._inflight.popleft()
         summed = pending.wait()
-        bucket = self._buckets[b]
-        divisor = 1 if self._plans[b].predivide else self._averaging.divisor
+        bucket = record.bucket
+        divisor = 1 if record.predivide else self._averaging.divisor
         if bucket.grad_valid:
             summed = summed.to(bucket.grad_shard.dtype)
             bucket.grad_shard.add_(summed.div_(divisor) if divisor > 1 else summed)
@@ -315,18 +369,24 @@ class GradReducer:
         """Reduce every pending gradient and wait: afterwards the shards hold the averages.
 
         A collective. After a backward the pending buckets were already started by its
-        callback; otherwise (gradients set by hand, or accumulated under ``no_sync()``)
-        the ranks first agree whether any of them holds a ``param.grad`` to reduce.
+        callback; otherwise (gradients set by hand, accumulated under ``no_sync()``, or
+        averaged by DDP) the ranks first agree whether any of them holds a ``param.grad``.
 
         Returns:
             Whether any gradient shard changed.
         """
-        leftover = self._hook_new_trainables()
-        device = self._buckets[0].master.device
+        if self.reduces:
+            if self._watch.phase != GradWatch.BACKWARD:
+                self._forget_touched()
+        else:  # DDP's param.grad is the truth: take it afresh each step
+            for record in self._records:
+                record.bucket.grad_valid = False
+                record.bucket.has_grad = [False] * len(record.bucket.has_grad)
+        leftover = any(raw_grad(p) is not None for r in self._records for p in r.bucket.params)
         if self._reduced_since_finish:
             flush = leftover
         else:
-            flush = self._plan.any_rank(leftover, device)
+            flush = self._plan.any_rank(leftover, self._records[0].bucket.master.device)
         if flush:
             self._flush()
         changed = flush or bool(self._inflight)
@@ -335,36 +395,59 @@ class GradReducer:
         self._reduced_since_finish = False
         return changed
 
-    def _hook_new_trainables(self) -> bool:
-        """Hook params that became trainable after construction; report any ``param.grad`` left."""
-        leftover = False
-        ref = weakref.ref(self)
-        for b, bucket in enumerate(self._buckets):
-            for p in bucket.params:
-                if p.grad is not None:
-                    leftover = True
-                if p.requires_grad and self._averaging.hooks and id(p) not in self._hooked:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
-                    self._hooked.add(id(p))
-                    self._expected[b] += 1
-        return leftover
+    def end_step(self) -> None:
+        """After ``step()``: watch for zeroing again (see [Note: watching param.grad])."""
+        self._watch.phase = GradWatch.IDLE
+
+    def _forget_touched(self) -> None:
+        """Forget the gradient shards of params that other code zeroed or set since the step."""
+        touched = self._watch.take_touched()
+        if not touched:
+            return
+        for record in self._records:
+            bucket = record.bucket
+            hit = [slot for slot, p in enumerate(bucket.params) if id(p) in touched]
+            if not hit or not (bucket.grad_valid or any(bucket.has_grad)):
+                continue
+            if len(hit) == len(bucket.params):
+                bucket.grad_valid = False
+                bucket.has_grad = [False] * len(bucket.has_grad)
+                continue
+            for frag in bucket.fragments:
+                if frag.slot in hit and bucket.grad_valid:
+                    bucket.grad_shard.narrow(0, frag.shard_offset, frag.numel).zero_()
+            for slot in hit:
+                bucket.has_grad[slot] = False
+
+    def scale_(self, multiplier: float) -> None:
+        """Scale the gradient shards (loss-scale removal and clipping, [Note: one scale])."""
+        torch._foreach_mul_([r.bucket.grad_shard for r in self._records if r.bucket.grad_valid], multiplier)
+
+    def clamp_(self, value: float) -> None:
+        """Clamp the gradient shards elementwise (``clip_grad_value_``)."""
+        for r in self._records:
+            if r.bucket.grad_valid:
+                r.bucket.grad_shard.clamp_(-value, value)
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Forget (or zero) the gradient shards and any ``param.grad`` left on the params."""
         while self._inflight:
             self._complete_oldest()
-        for bucket in self._buckets:
+        self._watch.take_touched()
+        for record in self._records:
+            bucket = record.bucket
             if set_to_none:
                 bucket.grad_valid = False
                 bucket.has_grad = [False] * len(bucket.has_grad)
             elif bucket.grad_valid:
                 bucket.grad_shard.zero_()
             for p in bucket.params:
-                if p.grad is not None:
+                grad = raw_grad(p)
+                if grad is not None:
                     if set_to_none:
-                        p.grad = None
+                        set_raw_grad(p, None)
                     else:
-                        p.grad.detach_().zero_()
+                        grad.detach_().zero_()
 
     def comm_buffer_bytes(self) -> int:
         return sum(cb.tensor.numel() * cb.tensor.element_size() for pool in self._pool.values() for cb in pool)
@@ -373,3 +456,5 @@ class GradReducer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for record in self._records:
+            record.expected = 0

@@ -85,10 +85,10 @@ def check_params(params: Sequence[torch.Tensor], names: Sequence[str], taken: di
         if not p.is_leaf:
             raise ValueError(f"{name} is not a leaf tensor (it was computed from other tensors); "
                              "pass the original parameters")
-        if p.numel() == 0:
-            raise ValueError(f"{name} has no elements; drop it from the optimizer")
-        for key, what in ((("id", id(p)), "is the same tensor as"),
-                          (("storage", p.untyped_storage().data_ptr()), "shares storage with")):
+        keys = [(("id", id(p)), "is the same tensor as")]
+        if p.numel():  # empty tensors own no memory to share (their data pointers may coincide)
+            keys.append((("storage", p.untyped_storage().data_ptr()), "shares storage with"))
+        for key, what in keys:
             other = new.get(key) or taken.get(key)
             if other is not None:
                 raise ValueError(f"{name} {what} {other}: each param may appear only once across "

@@ -60,7 +60,7 @@ def _launch_timing_rank(rank: int, world_size: int, overlap: bool) -> list:
     seen = []
     # emb.weight's gradient is the last one backward produces: look at the buckets then.
     model.emb.weight.register_post_accumulate_grad_hook(
-        lambda p: seen.append(sum(opt._reducer._launched)))
+        lambda p: seen.append(opt._grads.num_launched))
     for step in range(3):
         opt.zero_grad()
         loss_fn(model, *batch(step, rank, same_on_all_ranks=False)).backward()

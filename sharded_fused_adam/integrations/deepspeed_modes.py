@@ -230,7 +230,6 @@ class ShardedMode:
         if opt.max_grad_norm not in (None, clip):
             raise ValueError(f"gradient_clipping is {clip} in the DeepSpeed config but ShardedFusedAdam was built "
                              f"with max_grad_norm={opt.max_grad_norm}: set one of them")
-        # ShardedFusedAdam has no public setter for its clipping threshold yet.
         opt.max_grad_norm = clip
         # Module grads are empty after backward (the optimizer holds them); the engine's
         # _take_model_step would otherwise clip those instead of the real ones.

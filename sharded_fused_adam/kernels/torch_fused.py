@@ -2,8 +2,9 @@
 
 One call updates a list of tensors in a single pass per element (28 bytes/element for
 fp32). The same ops run on CPU (torch >= 2.4), CUDA and, through torch_npu, on Ascend NPUs
-(``aclnnApplyAdamWV2``). We never pass ``grad_scale``/``found_inf``: torch_npu ignores them
-(see NOTES.md), so unscaling and overflow skipping happen in the optimizer for every device.
+(``aclnnApplyAdamWV2``). We never pass ``grad_scale``/``found_inf``: the torch_npu release we
+read (its ``_fused_adamw_`` op-plugin binding) ignores them on NPU, so unscaling and overflow
+skipping happen in the optimizer for every device (docs/devices.md).
 """
 from __future__ import annotations
 

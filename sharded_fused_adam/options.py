@@ -1,0 +1,103 @@
+"""``ShardingOptions``: how ShardedFusedAdam shards, communicates and checks, validated once.
+
+Every keyword argument of ``ShardedFusedAdam`` after the Adam hyperparameters is a field
+here, so the constructor, the DeepSpeed config's ``params`` and the docs share one list.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .comm import COMM_PLANS
+from .kernels import KERNEL_NAMES
+from .precision import LossScaler, make_loss_scaler
+
+__all__ = ["ShardingOptions", "GRADIENT_MODES"]
+
+GRADIENT_MODES = ("sharded", "replicated")
+_REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """The keyword-only options of ``ShardedFusedAdam``.
+
+    Attributes:
+        process_group: the data-parallel group; default: the world group if
+            torch.distributed is initialized, else a single rank.
+        grads: ``"sharded"`` (ZeRO-2, default: after backward the averaged gradients live in
+            the optimizer and ``param.grad`` is None) or ``"replicated"`` (ZeRO-1: the averaged
+            gradient stays in ``param.grad``, so every torch idiom that reads it works).
+        kernel: ``"torch_fused"`` (default), ``"npu"`` or ``"reference"``.
+        bucket_cap_mb: soft size limit of one bucket of params, in MiB.
+        overlap: start each bucket's reduction during backward as soon as it is complete.
+        reduce_dtype: dtype in which fp16/bf16 gradients are summed across ranks (fp32 by
+            default: a bf16 sum loses bits at every hop; pass the param dtype to halve traffic).
+        comm: ``"auto"``, ``"scatter_gather"`` or ``"allreduce_broadcast"`` (see comm.py).
+        max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
+        loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
+            ``backward(loss)`` and removed inside ``step()``.
+        collective_timeout: seconds any collective may wait before a ``CollectiveError``
+            names the ranks that never joined (None: the process group's timeout).
+        reduce_gradients: None (default): find out at the first backward whether a DDP
+            wrapper already averages the gradients; True: always reduce; False: never.
+        broadcast_params: copy rank 0's params to every rank at construction, as DDP does.
+        state_dict_timeout: seconds ``state_dict()`` waits for every rank to call it before
+            raising (it is a collective; see ``snapshot_state_dict``).
+
+    Raises:
+        ValueError: a value out of range or not one of the listed choices.
+        TypeError: a value of the wrong type.
+    """
+
+    process_group: Optional[dist.ProcessGroup] = None
+    grads: str = "sharded"
+    kernel: Optional[str] = None
+    bucket_cap_mb: float = 25.0
+    overlap: bool = True
+    reduce_dtype: torch.dtype = torch.float32
+    comm: str = "auto"
+    max_grad_norm: Optional[float] = None
+    loss_scale: Union[None, float, str, LossScaler] = None
+    collective_timeout: Optional[float] = None
+    reduce_gradients: Optional[bool] = None
+    broadcast_params: bool = True
+    state_dict_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.grads not in GRADIENT_MODES:
+            raise ValueError(f"grads must be one of {GRADIENT_MODES}, got {self.grads!r}")
+        if self.kernel is not None and self.kernel not in KERNEL_NAMES:
+            raise ValueError(f"kernel must be one of {KERNEL_NAMES} or None, got {self.kernel!r}")
+        if self.comm not in COMM_PLANS:
+            raise ValueError(f"comm must be one of {COMM_PLANS}, got {self.comm!r}")
+        if not self.bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
+        if self.collective_timeout is not None and not self.collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds or None, got {self.collective_timeout}")
+        if not self.state_dict_timeout > 0:
+            raise ValueError(f"state_dict_timeout must be > 0 seconds, got {self.state_dict_timeout}")
+        if self.reduce_dtype not in _REDUCE_DTYPES:
+            raise ValueError(f"reduce_dtype must be torch.float32, bfloat16 or float16, got {self.reduce_dtype}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        for name in ("overlap", "broadcast_params"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.reduce_gradients not in (None, True, False):
+            raise TypeError(f"reduce_gradients must be None, True or False, got {self.reduce_gradients!r}")
+        make_loss_scaler(self.loss_scale)  # validates
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "ShardingOptions":
+        """Build from keyword arguments; an unknown name is a TypeError naming it and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"ShardedFusedAdam got unexpected keyword argument(s) {unknown}; "
+                            f"its options are {sorted(known)}")
+        return cls(**kwargs)
