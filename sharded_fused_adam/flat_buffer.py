@@ -8,6 +8,11 @@ params in place, and nothing else may move them: ``model.cpu()``, ``model.half()
 optimizer (NpuFusedAdam documents this as "unpredictable results"). ``FlatParamBuffer``
 remembers where every view must live and ``check_unmoved`` names the first param that has
 moved, with the likely cause, before any step touches it (``check_unmoved``).
+
+One move is harmless and is undone instead: ``.to(device)`` with a device that names the
+same memory in other words (``model.to("cpu:0")`` of a CPU model, which Accelerate and the
+Trainer do on CPU machines) copies every param unchanged. A param that still has its slot's
+device, dtype, shape and exact values is pointed back at its slot (``readopt_unchanged``).
 """
 from __future__ import annotations
 
@@ -61,6 +66,20 @@ class FlatParamBuffer:
             return []
         return [pos for pos, (now, then) in enumerate(zip(current, self._expected)) if now != then]
 
+    @torch.no_grad()
+    def readopt_unchanged(self, positions: Sequence[int]) -> list[int]:
+        """Point moved params that are exact copies of their slot back at it; return the others."""
+        still_moved = []
+        for pos in positions:
+            p, slot = self.params[pos], self.layout.slots[pos]
+            view = self.flat.narrow(0, slot.offset, slot.numel).view(self._expected[pos][1])
+            if (p.device == self.device and p.dtype == self.dtype and p.shape == view.shape
+                    and p.stride() == view.stride() and torch.equal(p.data, view)):
+                p.data = view
+            else:
+                still_moved.append(pos)
+        return still_moved
+
     def diagnose(self, pos: int, others: int = 0) -> str:
         """Why the param in slot ``pos`` moved, for a ``ParamMovedError`` message."""
         p, name = self.params[pos], self.names[pos]
@@ -84,8 +103,12 @@ class FlatParamBuffer:
 
 
 def check_unmoved(buffers: Sequence[FlatParamBuffer]) -> None:
-    """Raise ``ParamMovedError`` naming the first moved param of ``buffers`` and how many moved."""
-    moved = [(buf, pos) for buf in buffers for pos in buf.moved()]
+    """Raise ``ParamMovedError`` naming the first moved param of ``buffers`` and how many moved.
+
+    Params moved by a no-op device move are pointed back at their slots first (see
+    [Note: params are views]).
+    """
+    moved = [(buf, pos) for buf in buffers for pos in buf.readopt_unchanged(buf.moved())]
     if moved:
         buf, pos = moved[0]
         raise ParamMovedError(buf.diagnose(pos, len(moved) - 1))

@@ -174,6 +174,7 @@ def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
     res["bucket_padded_numel"] = sum(b.layout.padded_numel for b in opt._buckets)
     res["accumulation"] = run_accumulation(rank, world_size)
     res["fp16_model"] = run_fp16_model(rank, world_size)
+    res["precision_sections"] = {name: run_precision_section(rank, world_size, name) for name in ("bf16", "fp16")}
     return res
 
 
@@ -232,6 +233,50 @@ def run_fp16_model(rank: int, world_size: int) -> dict:
     return {"diffs": diffs, "scales": scales, "dtype": str(next(model.parameters()).dtype),
             "has_masters": "master_param" in opt.state_dict()["state"][0],
             "eval": [before, eval_loss(lambda x: model(x.half()).float())]}
+
+
+PRECISION_SECTIONS = {
+    "bf16": ({"enabled": True}, torch.bfloat16, None),
+    "fp16": ({"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 3,
+              "hysteresis": 2, "min_loss_scale": 1}, torch.float16,
+             {"init_scale": 2.0**8, "growth_interval": 3, "hysteresis": 2, "min_scale": 1.0}),
+}
+
+
+def run_precision_section(rank: int, world_size: int, name: str) -> dict:
+    """A real-world config with an fp16/bf16 section, through register() alone and plain
+    deepspeed.initialize (the engine wires itself), against ShardedFusedAdam on a model cast by
+    hand with the loss scaler the section describes."""
+    section, dtype, scaler = PRECISION_SECTIONS[name]
+    import deepspeed
+
+    from sharded_fused_adam import DynamicLossScaler
+
+    config = sfa_ds.register({"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size, "steps_per_print": 10**6,
+                              "optimizer": {"type": "ShardedFusedAdamW", "params": {"lr": LR, "betas": "auto"}},
+                              name: section, "gradient_clipping": CLIP})
+    config["optimizer"]["params"]["betas"] = list(BETAS)  # what the Trainer does with "auto"
+    model, hand_model = make_net(), make_net().to(dtype)
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    hand_opt = ShardedFusedAdam(hand_model.parameters(), lr=LR, betas=BETAS, weight_decay=1e-2, adamw=True,
+                                max_grad_norm=CLIP, loss_scale=DynamicLossScaler(**scaler) if scaler else None)
+    before = eval_loss(lambda x: engine.module(x.to(dtype)).float())
+    diffs, scales, norms = [], [], []
+    for step in range(6):
+        x, y = local_batch(step, rank, world_size)
+        engine.backward(nn.functional.mse_loss(engine(x.to(dtype)).float(), y))
+        engine.step()
+        hand_opt.backward(nn.functional.mse_loss(hand_model(x.to(dtype)).float(), y))
+        hand_opt.step()
+        hand_opt.zero_grad()
+        diffs.append(max_diff(engine.module, hand_model))
+        scales.append((opt.loss_scale, hand_opt.loss_scale))
+        norms.append((engine.get_global_grad_norm(), hand_opt.get_global_grad_norm()))
+    return {"optimizer": type(engine.optimizer).__name__, "unwrapped": engine.optimizer is engine.basic_optimizer,
+            "dtype": str(next(engine.module.parameters()).dtype), "allreduce": engine.enable_backward_allreduce,
+            "diffs": diffs, "scales": scales, "norms": norms, "max_grad_norm": opt.max_grad_norm,
+            "has_masters": "master_param" in opt.state_dict()["state"][0],
+            "eval": [before, eval_loss(lambda x: engine.module(x.to(dtype)).float())]}
 
 
 def run_resume(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:

@@ -176,6 +176,21 @@ def test_sharded_half_model_with_our_loss_scale(sharded):
         assert fp16["eval"][1] < 0.9 * fp16["eval"][0], fp16["eval"]
 
 
+@pytest.mark.parametrize("section", ["bf16", "fp16"])
+def test_sharded_config_with_precision_section_wires_itself(sharded, section):
+    """register() alone + plain deepspeed.initialize: no FP16/BF16 wrapper, our fp32 masters and
+    loss scaler, bitwise the same optimizer in a hand-written loop on a model cast by hand."""
+    for r in sharded:
+        res = r["precision_sections"][section]
+        assert (res["optimizer"], res["unwrapped"], res["allreduce"]) == ("DeepSpeedShardedFusedAdam", True, False)
+        assert res["dtype"] == {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[section] and res["has_masters"]
+        assert res["max_grad_norm"] == 0.5 and res["diffs"] == [0.0] * 6, res
+        assert all(a == b for a, b in res["scales"]) and all(a == b for a, b in res["norms"]), res
+        assert res["eval"][1] < 0.9 * res["eval"][0], res["eval"]
+    if section == "fp16":  # initial_scale_power 8, loss_scale_window 3: grows to 2**9 after 3 clean steps
+        assert [a for a, _ in sharded[0]["precision_sections"]["fp16"]["scales"]][:3] == [256.0, 256.0, 512.0]
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_sharded_checkpoint_resumes_at_other_world_size(sharded, job_dir, world_size):
     results = _worker("resume", world_size, job_dir.out, job_dir.ckpt)
@@ -271,9 +286,7 @@ def _config(stage: int = 0, type_: str = "ShardedFusedAdam", **params: Any) -> d
     (_config(0, momentum=0.9), "unknown key(s) ['momentum'] in optimizer.params for ShardedFusedAdam in sharded mode"),
     (_config(2, bucket_cap_mb=10), "bucket_cap_mb only apply in sharded mode"),
     (_config(2, loss_scale="dynamic"), "accepted keys: ['lr', 'betas', 'eps', 'weight_decay', 'amsgrad'"),
-    ({**_config(0), "fp16": {"enabled": True}}, 'add "loss_scale": "dynamic" to optimizer.params'),
-    ({**_config(0), "bf16": {"enabled": True}}, "cast the model yourself before initialize"),
-    ({**_config(0), "fp16": {"enabled": "auto"}}, '"fp16": {"enabled": "auto"} at ZeRO stage 0'),
+    ({**_config(0, loss_scale=128), "fp16": {"enabled": True}}, "drop optimizer.params.loss_scale"),
     ({**_config(0), "torch_autocast": {"enabled": True}}, "torch_autocast"),
     ({**_config(0), "communication_data_type": "bf16"}, "use optimizer.params.reduce_dtype"),
     (_config(3), "zero_optimization.stage 3 is not supported"),

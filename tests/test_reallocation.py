@@ -82,3 +82,35 @@ def test_replaced_parameter_objects_get_no_gradient_and_step_says_so():
 
 def test_move_error_is_a_runtime_error():
     assert issubclass(ParamMovedError, RuntimeError)
+
+
+def test_a_device_move_that_changes_nothing_keeps_training():
+    """``model.to("cpu:0")`` of a CPU model (Accelerate's device on CPU) copies every param
+    unchanged: the optimizer points them back at its buffers and trains as torch does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ref.load_state_dict(model.state_dict())
+    opt = ShardedFusedAdam(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1, fused=True)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    model.to("cpu:0")
+    assert [p.data_ptr() for p in model.parameters()] != pointers  # torch really copied them
+    for step in range(3):
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x).sum().backward()
+            o.step()
+            o.zero_grad()
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_copy_with_other_values_is_still_a_move():
+    model, opt = _model_and_opt()
+    model.to("cpu:0")
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # the copy no longer matches the optimizer's slot
+    with pytest.raises(ParamMovedError, match="param '0.weight'"):
+        opt.step()

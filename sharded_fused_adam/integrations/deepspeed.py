@@ -10,8 +10,8 @@ Two ways in (see ``docs/deepspeed.md``)::
 or, where a framework calls ``deepspeed.initialize`` itself::
 
     cfg = sfa_ds.register(cfg)      # before the framework builds the engine
-    ...                             # the framework calls deepspeed.initialize(config=cfg)
-    sfa_ds.wire(engine)             # ZeRO stage 0 only: after the engine exists
+    ...                             # the framework calls deepspeed.initialize(config=cfg); a
+                                    # stage-0 engine wires itself (see deepspeed_engine.py)
 
 [Note: mode selection]
 DeepSpeed builds an unknown optimizer type as ``getattr(torch.optim, type)(params, **params)``
@@ -31,6 +31,7 @@ import torch
 
 from ..local_adam import FusedAdam
 from ..optimizer import ShardedFusedAdam
+from . import deepspeed_engine
 from .deepspeed_modes import (OPTIMIZER_NAMES, DelegatedMode, ShardedMode, mode_for_config, mode_for_engine,
                               optimizer_type, zero_stage)
 
@@ -80,8 +81,10 @@ def register(config: Config) -> dict[str, Any]:
     """Make ``"type": "ShardedFusedAdam"`` / ``"ShardedFusedAdamW"`` work in ``deepspeed.initialize``.
 
     Binds both names in ``torch.optim`` to the builder of the mode that ``config``'s ZeRO
-    stage selects (see [Note: mode selection]); a later call rebinds them. At stage 0 the
-    engine must then be passed to :func:`wire` once it exists.
+    stage selects (see [Note: mode selection]); a later call rebinds them. It also makes
+    stage-0 engines built from then on take over fp16/bf16 and wire themselves (see
+    [Note: engine construction] in ``deepspeed_engine.py``), so nothing else is needed
+    when a framework builds the engine.
 
     Args:
         config: the DeepSpeed config that will be given to ``deepspeed.initialize``: a dict,
@@ -94,7 +97,8 @@ def register(config: Config) -> dict[str, Any]:
     Raises:
         ValueError: the config does not name our optimizer, uses ZeRO stage 3, has an
             unknown key in ``optimizer.params`` or a setting the mode cannot honour (e.g.
-            fp16/bf16 at stage 0).
+            ``torch_autocast`` at stage 0). ``"auto"`` values are accepted (the Trainer fills
+            them in before DeepSpeed reads the config).
     """
     config = _load_config(config)
     name = optimizer_type(config)
@@ -105,6 +109,7 @@ def register(config: Config) -> dict[str, Any]:
     mode.check_config(config)
     mode.optimizer_kwargs(name, (config["optimizer"].get("params") or {}))  # a bad key fails here, not in the engine
     _check_names_free()
+    deepspeed_engine.install()
     for registered in OPTIMIZER_NAMES:
         setattr(torch.optim, registered, RegisteredOptimizer(registered, mode))
     return mode.amend_config(config)
@@ -112,6 +117,9 @@ def register(config: Config) -> dict[str, Any]:
 
 def wire(engine: Any) -> Any:
     """Finish connecting a built engine to our optimizer; idempotent.
+
+    Engines built after :func:`register` (or by :func:`initialize`) are wired already; this
+    is for engines built around a client ``ShardedFusedAdam`` some other way.
 
     At ZeRO stage 0 (sharded mode) this switches off the engine's gradient all-reduce
     (``enable_backward_allreduce = False``), moves ``gradient_clipping`` into the optimizer's
@@ -195,6 +203,7 @@ def _prepare_for_client_optimizer(config: dict[str, Any], optimizer: Union[Shard
         raise ValueError(f"a ShardedFusedAdam passed as optimizer=... only works at ZeRO stage 0, the config asks "
                          f"for stage {zero_stage(config)}: pass FusedAdam or use \"type\": \"ShardedFusedAdam\"")
     if isinstance(optimizer, ShardedFusedAdam) or isinstance(mode, DelegatedMode):
+        deepspeed_engine.install()
         mode.check_config(config)
         return mode.amend_config(config)
     return config  # FusedAdam at stage 0: a local Adam under DeepSpeed's own all-reduce

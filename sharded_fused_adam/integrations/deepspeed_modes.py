@@ -6,7 +6,8 @@ the attributes named in ``docs/deepspeed.md`` ("Engine behaviours relied on").
 
 [Note: two modes]
 * ``ShardedMode`` (``zero_optimization.stage`` 0 or absent): DeepSpeed hands our optimizer
-  its params unwrapped; ``ShardedFusedAdam`` shards, reduces, unscales and clips, so the
+  its params unwrapped (fp16/bf16 sections included, see [Note: engine construction] in
+  deepspeed_engine.py); ``ShardedFusedAdam`` shards, reduces, unscales and clips, so the
   engine's own gradient all-reduce and clipping are switched off and its ``zero_grad`` /
   ``backward`` / ``no_sync`` are extended to reach the optimizer.
 * ``DelegatedMode`` (stage 1 or 2): DeepSpeed shards, reduces and clips, then steps a local
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from ..local_adam import FusedAdam
 from ..optimizer import ShardedFusedAdam
+from .deepspeed_engine import pending_loss_scaler
 
 __all__ = ["OPTIMIZER_NAMES", "ShardedMode", "DelegatedMode", "DeepSpeedShardedFusedAdam", "zero_stage",
            "mode_for_config", "optimizer_type", "mode_for_engine"]
@@ -121,9 +123,9 @@ class DeepSpeedShardedFusedAdam(ShardedFusedAdam):
         if not self.wired:
             raise RuntimeError("DeepSpeed built ShardedFusedAdam for ZeRO stage 0 but the engine was not wired: call "
                                "sharded_fused_adam.integrations.deepspeed.wire(engine) after deepspeed.initialize "
-                               "(initialize() from that module does it for you). If the config uses ZeRO stage "
-                               "1/2, pass that config to register() so that DeepSpeed gets FusedAdam instead; at "
-                               "stage 0 the config must not enable fp16/bf16 (see docs/deepspeed.md).")
+                               "(register() and initialize() from that module make engines built afterwards wire "
+                               "themselves). If the config uses ZeRO stage 1/2, pass that config to register() so "
+                               "that DeepSpeed gets FusedAdam instead (see docs/deepspeed.md).")
         return super().step(*args, **kwargs)
 
 
@@ -142,24 +144,22 @@ class ShardedMode:
     }
 
     def check_config(self, config: Mapping[str, Any]) -> None:
-        """Reject what would make DeepSpeed wrap or bypass the optimizer at stage 0.
+        """Reject what would make DeepSpeed bypass the optimizer at stage 0.
+
+        ``"fp16"`` / ``"bf16"`` sections (``true`` or ``"auto"``) are fine: the engine casts
+        the model and ``ShardedFusedAdam`` does the rest (see [Note: engine construction]
+        in deepspeed_engine.py). ``"auto"`` values elsewhere are left for the framework that
+        fills them in (the Trainer) and checked when DeepSpeed builds the optimizer.
 
         Raises:
-            ValueError: an enabled fp16/bf16/torch_autocast section, or an option of the
-                engine's gradient all-reduce.
+            ValueError: an enabled torch_autocast section, an option of the engine's gradient
+                all-reduce, or an fp16 section together with ``optimizer.params.loss_scale``.
         """
-        for section in ("fp16", "bf16", "bfloat16"):
-            enabled = (config.get(section) or {}).get("enabled", False)
-            if enabled is True or enabled == "auto":  # "auto": a framework may still turn it on
-                raise ValueError(
-                    f'the DeepSpeed config has "{section}": {{"enabled": {json.dumps(enabled)}}} at ZeRO stage 0 '
-                    "(sharded mode): DeepSpeed would wrap ShardedFusedAdam in its FP16_Optimizer (a second fp32 "
-                    "master copy, its own loss scaling and clipping, and one step() with zero gradients at "
-                    "start-up). Instead remove the section (or set it to false), cast "
-                    "the model yourself before initialize (model.to(torch.bfloat16) or model.half(); "
-                    "ShardedFusedAdam keeps fp32 master shards) and, for fp16, add \"loss_scale\": \"dynamic\" to "
-                    "optimizer.params. Or use ZeRO stage 1/2 (delegated mode), where DeepSpeed's mixed "
-                    "precision applies.")
+        fp16 = (config.get("fp16") or {}).get("enabled", False) is True
+        if fp16 and "loss_scale" in ((config.get("optimizer") or {}).get("params") or {}):
+            raise ValueError('the DeepSpeed config enables "fp16" and sets optimizer.params.loss_scale: the fp16 '
+                             "section's loss_scale / initial_scale_power already configure ShardedFusedAdam's loss "
+                             "scaler at ZeRO stage 0; drop optimizer.params.loss_scale")
         if (config.get("torch_autocast") or {}).get("enabled", False) is True:
             raise ValueError('the DeepSpeed config enables "torch_autocast" at ZeRO stage 0 (sharded mode), which is '
                              "not supported with ShardedFusedAdam: cast the model yourself (see docs/deepspeed.md) "
@@ -177,7 +177,14 @@ class ShardedMode:
         return _translate(name, config_params, self.accepted_keys, self.name)
 
     def build(self, name: str, params: Any, config_params: Mapping[str, Any]) -> ShardedFusedAdam:
-        return DeepSpeedShardedFusedAdam(_nonempty_groups(params), **self.optimizer_kwargs(name, config_params))
+        kwargs = self.optimizer_kwargs(name, config_params)
+        scaler = pending_loss_scaler()  # the engine's fp16 section, taken over at construction
+        if scaler is not None:
+            if "loss_scale" in kwargs:
+                raise ValueError('the DeepSpeed config enables "fp16" and sets optimizer.params.loss_scale: drop '
+                                 "optimizer.params.loss_scale (the fp16 section configures the loss scaler)")
+            kwargs["loss_scale"] = scaler
+        return DeepSpeedShardedFusedAdam(_nonempty_groups(params), **kwargs)
 
     def wire(self, engine: Any) -> None:
         """Make a stage-0 engine leave reduction and clipping to ``ShardedFusedAdam``.

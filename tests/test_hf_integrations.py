@@ -1,0 +1,119 @@
+"""Hugging Face Trainer, Accelerate and the Trainer with DeepSpeed configs, through the real packages.
+
+Two torchrun jobs of 2 gloo ranks run ``tests/hf_worker.py`` (each path trains 20 steps next to
+the same path with its reference optimizer, then resumes from the checkpoint saved at step 10)
+and the examples run for a few steps. Results are read from the files each rank wrote. About
+100 s in all here (transformers and DeepSpeed imports dominate). Tolerances: params within 1e-5
+and logged grad norms within 1e-5 of the reference (measured: 0.0 for Accelerate, the Trainer
+and DeepSpeed stage 2; 7.6e-6 for DeepSpeed stage 0 against DeepSpeed's own torch AdamW, whose
+clipping coefficient comes from a global norm summed in another order).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sharded_fused_adam import ShardedFusedAdam
+from test_deepspeed import _torchrun  # the same clean environment and launcher
+
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None
+                                    for m in ("transformers", "accelerate", "deepspeed")),
+                                reason="transformers/accelerate/deepspeed not installed (pip install -e '.[hf,deepspeed]')")
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "hf_worker.py"
+EXAMPLES = REPO / "examples" / "hf"
+TOL = 1e-5
+# The stock Trainer / a plain ShardedFusedAdamW in an Accelerate loop rely on the optimizer
+# detecting DDP and on snapshot_state_dict() (the gradient-lifetime work); checked where present.
+IDIOMS = hasattr(ShardedFusedAdam, "snapshot_state_dict")
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the launched ranks inherit it: nothing is downloaded
+
+
+def _job(scenario: str, out: Path) -> list[dict]:
+    output = _torchrun(2, str(WORKER), scenario, "--out", str(out))
+    files = [out / f"{scenario}_rank{r}.json" for r in range(2)]
+    missing = [f.name for f in files if not f.exists()]
+    assert not missing, f"no result from {missing}:\n{output[-8000:]}"
+    return [json.loads(f.read_text()) for f in files]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> list[dict]:
+    return _job("plain", tmp_path_factory.mktemp("hf_plain"))
+
+
+@pytest.fixture(scope="module")
+def with_deepspeed(tmp_path_factory) -> list[dict]:
+    return _job("deepspeed", tmp_path_factory.mktemp("hf_ds"))
+
+
+def _check_pair(res: dict, norms: bool = True) -> None:
+    assert res["num_norms"] in ([20, 20], 20), res
+    assert res["param_diff"] <= TOL, res
+    if norms:
+        assert res["norm_diff"] <= TOL and res["min_norm"] > 0, res
+
+
+def test_accelerate_loop_matches_torch_adamw(plain):
+    for r in plain:
+        assert r["world_size"] == 2
+        _check_pair(r["accelerate_make_optimizer"])
+
+
+@pytest.mark.skipif(not IDIOMS, reason="needs the optimizer to detect DDP by itself (gradient-lifetime work)")
+def test_accelerate_loop_with_a_plain_optimizer(plain):
+    for r in plain:
+        _check_pair(r["accelerate_plain"])
+
+
+def test_trainer_matches_torch_adamw_and_resumes_bitwise(plain):
+    for r in plain:
+        res = r["trainer"]
+        assert res["optimizers"] == ["ShardedFusedAdamW", "AdamW"]
+        _check_pair(res)
+        assert res["losses"][1] < res["losses"][0] - 0.2, res["losses"]
+        assert res["resume_bitwise"] and res["resume_norms_equal"], res
+
+
+@pytest.mark.skipif(not IDIOMS, reason="needs snapshot_state_dict() and DDP detection (gradient-lifetime work)")
+def test_stock_trainer_with_our_optimizer_and_callback(plain):
+    for r in plain:
+        _check_pair(r["stock_trainer"])
+        assert r["stock_trainer"]["saved"]  # the rank-0 save did not deadlock
+
+
+def test_trainer_deepspeed_stage0_register_alone(with_deepspeed):
+    """The stock Trainer, TrainingArguments(deepspeed=register(cfg)) with "auto" values, no callback:
+    DeepSpeed's own AdamW logs no grad norm at stage 0; ours logs the global norm."""
+    for r in with_deepspeed:
+        res = r["stage0"]
+        assert res["optimizers"] == ["DeepSpeedShardedFusedAdam", "AdamW"]
+        _check_pair(res, norms=False)
+        assert res["min_norm"] > 0 and res["resume_bitwise"], res
+
+
+def test_trainer_deepspeed_stage2_delegated(with_deepspeed):
+    for r in with_deepspeed:
+        _check_pair(r["stage2"])
+
+
+@pytest.mark.parametrize("example", [
+    ["train_accelerate.py", "--steps", "5"],
+    ["train_trainer.py", "--steps", "6"],
+    ["train_trainer.py", "--steps", "6", "--deepspeed", str(EXAMPLES / "ds_config_trainer.json")],
+], ids=["accelerate", "trainer", "trainer_deepspeed"])
+def test_examples_run(tmp_path, example):
+    extra = ["--out-dir", str(tmp_path)] if example[0] == "train_trainer.py" else []
+    output = _torchrun(2, str(EXAMPLES / example[0]), *example[1:], *extra)
+    line = [l for l in output.splitlines() if "world_size=2" in l]
+    assert line, output[-6000:]
+    assert "first_loss=" in line[0], line[0]
+    if "--deepspeed" in example:
+        assert "optimizer=DeepSpeedShardedFusedAdam" in line[0], line[0]
