@@ -45,11 +45,16 @@ def loss_fn(model: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> tor
 
 
 def param_groups(model: nn.Module, spec: str) -> Any:
-    """``"one"``: all params in one group; ``"two"``: weights vs the rest with their own lr/decay."""
+    """``"one"``: all params in one group; ``"two"``: weights vs the rest with their own lr/decay;
+    ``"custom"``: two groups whose lr, betas, eps and weight decay are all off torch's defaults
+    and differ between the groups (the second takes its betas from the optimizer's defaults)."""
     if spec == "one":
         return list(model.parameters())
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
     others = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
+    if spec == "custom":
+        return [{"params": weights, "lr": 4e-3, "betas": (0.8, 0.95), "eps": 1e-4, "weight_decay": 0.05},
+                {"params": others, "lr": 7e-3, "eps": 3e-3, "weight_decay": 0.2}]
     return [{"params": weights, "weight_decay": 0.05}, {"params": others, "lr": 3e-3, "weight_decay": 0.0}]
 
 

@@ -328,3 +328,43 @@ def test_a_state_dict_loaded_after_steps_is_not_ignored():
     straight_opt = ShardedFusedAdam(param_groups(straight, "two"), **OPT)
     _train(straight, straight_opt, range(4))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight.parameters()))
+
+
+def test_a_torch_state_dict_with_its_own_param_ids_loads_by_position():
+    # torch maps saved param ids to params by position in param_groups, whatever the ids are.
+    ref = make_net()
+    ref_opt = torch.optim.Adam(param_groups(ref, "two"), fused=True, **OPT)
+    for step in range(2):
+        for p, g in zip(ref.parameters(), _grads(ref, step)):
+            p.grad = g
+        ref_opt.step()
+    saved = ref_opt.state_dict()
+    new_id = {i: 1000 - 7 * i for g in saved["param_groups"] for i in g["params"]}  # descending, not 0..n-1
+    renumbered = {"state": {new_id[i]: v for i, v in saved["state"].items()},
+                  "param_groups": [{**g, "params": [new_id[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    model = copy.deepcopy(ref)
+    opt = ShardedFusedAdam(param_groups(model, "two"), **OPT)
+    opt.load_state_dict(renumbered)
+    for p, q, g in zip(model.parameters(), ref.parameters(), _grads(ref, 2)):
+        p.grad, q.grad = g, None if g is None else g.clone()
+    opt.step()
+    ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_a_torch_state_dict_loaded_into_a_bf16_model_starts_the_masters_from_the_params():
+    # torch's dict has no fp32 master: ours must start from the bf16 params, not from zeros
+    model = make_net().to(torch.bfloat16)
+    ref = [p.detach().float().requires_grad_() for p in model.parameters()]
+    ref_opt = torch.optim.Adam(ref, fused=True, **OPT)
+    for q in ref:
+        q.grad = torch.full_like(q, 0.1)
+    ref_opt.step()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref):
+            p.copy_(q)
+    opt = ShardedFusedAdam(model.parameters(), **OPT)
+    opt.load_state_dict(ref_opt.state_dict())
+    state = opt.state_dict()["state"]
+    assert all(torch.equal(state[i]["master_param"], p.detach().float()) for i, p in enumerate(model.parameters()))
+    assert all(torch.equal(state[i]["exp_avg"], ref_opt.state[q]["exp_avg"]) for i, q in enumerate(ref))

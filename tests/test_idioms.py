@@ -105,6 +105,16 @@ def _hand_set(m, o, bwd, step):
     o.step()
 
 
+def _drop_some(m, o, bwd, step):
+    # param.grad = None on every other param after the step, the rest never zeroed: in one
+    # bucket, only the dropped params' shard pieces are forgotten, the others keep accumulating
+    bwd()
+    o.step()
+    for i, p in enumerate(m.parameters()):
+        if i % 2:
+            p.grad = None
+
+
 def _torch_clip_replicated(m, o, bwd, step):
     bwd()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
@@ -127,7 +137,7 @@ def _drop_in_clip(m, o, bwd, step):
 
 _IDIOMS = {f.__name__[1:]: f for f in (_model_zero_grad, _zero_keep, _zero_before_backward, _accumulate,
                                         _accumulate_no_sync, _never_zero, _two_steps, _hand_set,
-                                        _drop_in_clip, _torch_clip_replicated)}
+                                        _drop_some, _drop_in_clip, _torch_clip_replicated)}
 
 
 @pytest.mark.parametrize("idiom", sorted(set(_IDIOMS) - {"torch_clip_replicated"}))
@@ -270,6 +280,8 @@ def _mismatched(rank: int, world_size: int, case: str) -> str:
             params[-1] = nn.Parameter(torch.zeros(2))  # 3 -> 2 elements: same padded size
         elif case == "reordered":
             params[1], params[2] = params[2], params[1]
+        elif case == "frozen_here_only":
+            params[3].requires_grad_(False)
     try:
         ShardedFusedAdamW(params, collective_timeout=30)
     except ValueError as exc:
@@ -278,7 +290,7 @@ def _mismatched(rank: int, world_size: int, case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["extra_param", "other_shape", "same_numel_other_shape", "hidden_by_padding",
-                                  "reordered"])
+                                  "reordered", "frozen_here_only"])
 def test_ranks_that_build_different_models_all_raise(ranks, case):
     for message in ranks(_mismatched, 3, case):
         assert "rank(s) [2] differ from rank 0" in message, message

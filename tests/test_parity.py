@@ -28,6 +28,11 @@ CONFIGS = {
     "one_param_per_bucket_overlap": dict(opt_kwargs=dict(lr=1e-2, weight_decay=0.1),
                                          sharded_kwargs=dict(bucket_cap_mb=1e-6, overlap=True)),
     "mid_buckets_overlap": dict(opt_kwargs=dict(lr=1e-2), sharded_kwargs=dict(bucket_cap_mb=2e-3)),
+    # every hyperparameter off its default, per group (bugs that hard-code 0.9/0.999/1e-8 show here)
+    "adam_custom_hypers": dict(opt_kwargs=dict(lr=2e-3, betas=(0.6, 0.97), eps=1e-5, weight_decay=0.01),
+                               groups="custom"),
+    "adamw_amsgrad_custom_hypers": dict(opt_kwargs=dict(lr=2e-3, betas=(0.7, 0.9), eps=1e-6, amsgrad=True,
+                                                        adamw=True), groups="custom"),
     "scatter_gather_tiny_buckets": dict(opt_kwargs=dict(lr=1e-2, amsgrad=True),
                                         sharded_kwargs=dict(bucket_cap_mb=2e-4, comm="scatter_gather")),
 }
@@ -43,7 +48,8 @@ def test_same_grads_on_every_rank_is_bitwise_equal(ranks, world_size, config):
     assert ranks(_parity_rank, world_size, config, True) == [0.0] * world_size
 
 
-@pytest.mark.parametrize("config", ["adam", "adamw_two_groups", "scatter_gather_tiny_buckets"])
+@pytest.mark.parametrize("config", ["adam", "adamw_two_groups", "scatter_gather_tiny_buckets",
+                                    "adamw_amsgrad_custom_hypers"])
 def test_world_size_three_is_within_tolerance(ranks, config):
     diffs = ranks(_parity_rank, 3, config, True)
     assert max(diffs) <= TOL_REORDERED, diffs

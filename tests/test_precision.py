@@ -59,7 +59,12 @@ def test_make_loss_scaler():
 
 
 def test_clip_coefficient_matches_torch_formula():
-    assert clip_coefficient(10.0, 1.0) == pytest.approx(1.0 / (10.0 + 1e-6))
+    # torch: max_norm / (norm + 1e-6), clamped at 1. The norms are chosen so the 1e-6 decides:
+    # without it the first two would be 1.0 and 1/3, and a norm equal to max_norm would not clip.
+    assert clip_coefficient(1e-6, 1e-6) == 0.5
+    assert clip_coefficient(3e-6, 1e-6) == pytest.approx(0.25, rel=1e-12)
+    assert clip_coefficient(1.0, 1.0) == 1.0 / (1.0 + 1e-6) < 1.0
+    assert clip_coefficient(10.0, 1.0) == 1.0 / (10.0 + 1e-6)
     assert clip_coefficient(0.5, 1.0) == 1.0
 
 

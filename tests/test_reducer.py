@@ -1,4 +1,5 @@
-"""GradReducer on its own (no optimizer): shards hold the averaged gradient, on 1 to 4 real gloo ranks."""
+"""GradReducer on its own (no optimizer), then through ShardedFusedAdam: shards hold the averaged
+gradient, on 1 to 4 real gloo ranks."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import batch, loss_fn, make_net
+from sharded_fused_adam import ShardedFusedAdam
 from sharded_fused_adam.bucket import pack_buckets
 from sharded_fused_adam.comm import CommCounter, choose_comm_plan
 from sharded_fused_adam.reducer import GradReducer
@@ -123,3 +125,63 @@ def _nothing(rank: int, world_size: int) -> bool:
 
 def test_finish_without_gradients_changes_nothing(ranks):
     assert ranks(_nothing, 2) == [False, False]
+
+
+# ---- through the optimizer: every strategy, every dtype path, rank-specific gradients -------
+
+def _expected_flat(bucket, expected, world_size: int, rank: int) -> torch.Tensor:
+    """This rank's part of the bucket's flat averaged gradient, cut with plain arithmetic."""
+    flat = torch.zeros(bucket.layout.padded_numel)
+    for s in bucket.layout.slots:
+        if expected[s.index] is not None:
+            flat.narrow(0, s.offset, s.numel).copy_(expected[s.index].reshape(-1))
+    return flat.view(world_size, -1)[rank]
+
+
+def _optimizer_shards(rank: int, world_size: int, grads: str, dtype: torch.dtype, reduce_dtype: torch.dtype) -> dict:
+    model = make_net().to(dtype)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, grads=grads, reduce_dtype=reduce_dtype, bucket_cap_mb=2e-3)
+    errors, scale, replicated_errors = [], 0.0, []
+    for step in range(2):
+        ref = make_net().to(dtype)
+        ref.load_state_dict(model.state_dict())  # the params as they are now, on every rank
+        params = list(ref.parameters())
+        total = [torch.zeros(q.shape) for q in params]
+        for r in range(world_size):  # each rank's own gradient, upcast, summed in fp32
+            loss = loss_fn(ref, *batch(step, r, same_on_all_ranks=False)).float()
+            for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    t.add_(g.float())
+        unused = {id(q) for q in ref.unused.parameters()}
+        expected = [None if id(q) in unused else t / world_size for q, t in zip(params, total)]
+        scale = max(scale, max(g.abs().max().item() for g in expected if g is not None))
+        opt.zero_grad()
+        loss_fn(model, *batch(step, rank, same_on_all_ranks=False)).float().backward()
+        opt.clip_grad_norm_(1e9)  # a public way to finish the reduction before the step
+        for bucket in opt.shard_state().buckets:
+            got = bucket.grad_shard if bucket.grad_valid else torch.zeros_like(bucket.grad_shard)
+            errors.append((got.float() - _expected_flat(bucket, expected, world_size, rank)).abs().max().item())
+        if grads == "replicated":  # the whole averaged gradient is in param.grad, as with DDP
+            for p, g in zip(model.parameters(), expected):
+                replicated_errors.append(float(p.grad is not None) if g is None
+                                         else (p.grad.float() - g).abs().max().item())
+        opt.step()
+    return dict(error=max(errors), scale=scale, replicated=max(replicated_errors, default=0.0),
+                num_buckets=len(opt.shard_state().buckets))
+
+
+# Tolerances, relative to the largest averaged gradient element: fp32 sums the same values in
+# another order (1e-6); fp16 reductions divide before summing in fp16 (2**-10 per rounding).
+@pytest.mark.parametrize("grads,dtype,reduce_dtype,world_sizes,rel", [
+    ("sharded", torch.float32, torch.float32, (2, 3), 1e-6),
+    ("replicated", torch.float32, torch.float32, (2, 3), 1e-6),
+    ("sharded", torch.bfloat16, torch.float32, (3,), 1e-6),
+    ("sharded", torch.float16, torch.float16, (3,), 4e-3),
+], ids=["sharded_fp32", "replicated_fp32", "sharded_bf16", "sharded_fp16_predivided"])
+def test_optimizer_gradient_shards_are_the_average_over_ranks(ranks, grads, dtype, reduce_dtype, world_sizes, rel):
+    for world_size in world_sizes:
+        for out in ranks(_optimizer_shards, world_size, grads, dtype, reduce_dtype):
+            assert out["num_buckets"] > 1
+            # a missing 1/world_size (or a doubled one) is off by >= 1/3 of the scale: far above rel
+            assert out["error"] <= rel * out["scale"], (world_size, out)
+            assert out["replicated"] <= rel * out["scale"], (world_size, out)

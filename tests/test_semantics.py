@@ -78,14 +78,18 @@ def _grad(step: int, i: int, rank: int, shape, *, rank_specific: bool) -> torch.
     return torch.randn(shape, generator=g)
 
 
-def _manual_grads_rank(rank: int, world_size: int, mode: str) -> float:
+def _manual_grads_rank(rank: int, world_size: int, mode: str, bucket_cap_mb: float = 1e-4) -> float:
     """``mode``: "mixed" (fp32/bf16/fp16, all grads), "gaps" (some params without grads at
-    some steps, on every rank), "some_ranks" (param 1's grad only on rank 0 at odd steps)."""
+    some steps, on every rank), "some_ranks" (param 1's grad only on rank 0 at odd steps).
+    ``bucket_cap_mb=1e-4`` gives every param a bucket of its own; 25 (the default) puts all
+    same-dtype params in one bucket, whose params then carry different step counts."""
     torch.manual_seed(0)
     dtypes = DTYPES if mode == "mixed" else [torch.float32] * len(SHAPES)
     ours = [torch.randn(s).to(d).requires_grad_() for s, d in zip(SHAPES, dtypes)]
     ref = [p.detach().float().requires_grad_() for p in ours]
-    opt = ShardedFusedAdam(ours, lr=1e-2, weight_decay=0.01, amsgrad=True, bucket_cap_mb=1e-4)
+    opt = ShardedFusedAdam(ours, lr=1e-2, weight_decay=0.01, amsgrad=True, bucket_cap_mb=bucket_cap_mb)
+    if bucket_cap_mb >= 1:
+        assert len(opt.shard_state().buckets) == len(set(dtypes)), "the params must share buckets"
     ref_opt = torch.optim.Adam(ref, lr=1e-2, weight_decay=0.01, amsgrad=True, fused=True)
     worst = 0.0
     for step in range(5):
@@ -108,6 +112,14 @@ def _manual_grads_rank(rank: int, world_size: int, mode: str) -> float:
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_manual_grads_are_bitwise_equal(ranks, world_size, mode):
     assert ranks(_manual_grads_rank, world_size, mode) == [0.0] * world_size
+
+
+@pytest.mark.parametrize("mode", ["gaps", "some_ranks", "mixed"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_params_sharing_a_bucket_keep_their_own_step_counts(ranks, world_size, mode):
+    # One bucket (per dtype): a param that missed a gradient while its bucket-mates got one
+    # must reach the kernel with its own step count (bias correction), not the bucket's.
+    assert ranks(_manual_grads_rank, world_size, mode, 25.0) == [0.0] * world_size
 
 
 # ---- single process: torch semantics ------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Needs root and iproute2 (``ip netns``); skipped with the reason otherwise. The ranks meet
 through our launcher (``--nnodes 2 --node-rank N --master-addr <host A>``), train, save a
-sharded checkpoint on the shared filesystem, and the test loads it at world size 1.
+sharded checkpoint on the shared filesystem, and the test loads it at world size 1. Each
+rank also trains torch.optim.Adam beside itself on the averaged gradients (parity).
 """
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ def test_ranks_on_two_hosts_train_and_checkpoint(two_hosts, tmp_path):
     a, b = (json.loads(r.read_text()) for r in reports)
     assert a["world_size"] == b["world_size"] == 2
     assert a["checksum"] == b["checksum"], "the two hosts disagree about the params"
+    # torch.optim.Adam(fused=True) on the averaged gradients, run beside each rank: 2 ranks sum
+    # two values (exact order-free) and halve them, so only a reduction bug moves this off 0
+    assert a["parity"] == b["parity"] == 0.0, (a["parity"], b["parity"])
     assert a["losses"][-1] < a["losses"][0] and sum(a["comm"].values()) > 0
     model = make_net()
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
