@@ -5,7 +5,8 @@ from .checkpoint import load_full, save_full
 from .failures import CollectiveError
 from .local_adam import FusedAdam
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
-from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
+from .sharded_checkpoint import (CheckpointError, CheckpointFileMissing, CheckpointLockedError, consolidate_sharded,
+                                 load_sharded, save_sharded)
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "load_sharded",
     "consolidate_sharded",
     "CheckpointError",
+    "CheckpointFileMissing",
+    "CheckpointLockedError",
     "CollectiveError",
     "__version__",
 ]
