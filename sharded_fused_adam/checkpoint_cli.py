@@ -1,4 +1,4 @@
-"""``sharded-fused-adam-checkpoint``: inspect a sharded checkpoint or consolidate it into one torch file."""
+"""``sharded-fused-adam-checkpoint``: inspect or verify a sharded checkpoint, or consolidate it into one torch file."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="print a sharded checkpoint's metadata")
     inspect.add_argument("checkpoint", type=Path)
+    verify = sub.add_parser("verify", help="check every file and every data checksum of the newest version")
+    verify.add_argument("checkpoint", type=Path)
     conv = sub.add_parser("consolidate", help="write one torch.optim.Adam-layout state dict file")
     conv.add_argument("checkpoint", type=Path)
     conv.add_argument("output", type=Path)
@@ -31,6 +33,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps({"version_dir": str(reader.folder), "world_size": reader.meta["world_size"],
                               "params": len(reader.meta["params"]), "params_with_state": stepped,
                               "param_groups": len(reader.common["param_groups"])}, indent=2))
+        elif args.command == "verify":
+            reader = CheckpointReader(args.checkpoint)
+            reader.verify_all()
+            print(f"ok: {reader.folder} ({len(reader.chunks)} rank files, every checksum matches)")
         else:
             state = consolidate_sharded(args.checkpoint)
             torch.save(state, args.output)

@@ -70,7 +70,7 @@ class Pending:
             plan = self._plan
             timeout_s = plan.timeout.total_seconds() if plan.timeout is not None else None
             raise collective_error(self._what, self._seq, plan.rank, plan.world_size, timeout_s,
-                                   self._started, exc) from exc
+                                   self._started, exc, plan.group) from exc
         self._works = []
         return self._result
 
@@ -130,7 +130,7 @@ class CommPlan:
             works = launch()
         except RuntimeError as exc:
             timeout_s = self.timeout.total_seconds() if self.timeout is not None else None
-            raise collective_error(what, seq, self.rank, self.world_size, timeout_s, started, exc) from exc
+            raise collective_error(what, seq, self.rank, self.world_size, timeout_s, started, exc, self.group) from exc
         return Pending(works, result, self, what, seq)
 
     # Small blocking collectives for per-step scalars and coordination (no-ops on one rank).
