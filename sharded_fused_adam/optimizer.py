@@ -57,7 +57,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         overlap: start each bucket's reduction during backward as soon as it is complete.
         reduce_dtype: dtype in which fp16/bf16 gradients are summed across ranks (fp32 by
             default: a bf16 sum loses bits at every hop; pass the param dtype to halve traffic).
-        comm: ``"auto"``, ``"scatter_gather"`` or ``"allreduce_broadcast"`` (see comm.py).
+        comm: ``"auto"``, ``"scatter_gather"``, ``"allreduce_broadcast"`` or ``"send_recv"``
+            (see comm.py).
         max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
         loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
             ``backward(loss)`` and removed inside ``step()``.
