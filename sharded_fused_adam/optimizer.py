@@ -21,6 +21,7 @@ from .flat_buffer import check_unmoved
 from .kernels import select_kernel
 from .layout import plan_buckets
 from .memory import MemoryReport, memory_report
+from .param_gather import ParamGather
 from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler,
                         read_stats)
 from .reducer import GradReducer
@@ -67,6 +68,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         collective_timeout: seconds any of this optimizer's collectives may wait before a
             ``CollectiveError`` names the ranks that never joined (None: the process group's
             timeout, 30 min by default for gloo).
+        overlap_param_gather: ``step()`` returns with the param gathers in flight; the first
+            read of each bucket's params waits for that bucket (see param_gather.py). Reads
+            from other threads must call ``wait_for_gathers()`` first.
 
     Raises:
         ValueError: a hyperparameter out of range, empty params, a duplicated, aliased,
@@ -96,6 +100,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         loss_scale: Union[None, float, str, LossScaler] = None,
         collective_timeout: Optional[float] = None,
         reduce_gradients: bool = True,
+        overlap_param_gather: bool = False,
     ):
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (e.g. model.parameters()), "
@@ -114,6 +119,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._taken: dict = {}
         self._buckets: list[Bucket] = []
         self._reducer: Optional[GradReducer] = None
+        self._param_gather: Optional[ParamGather] = None
         super().__init__(params, defaults)
         if not self._taken:
             raise ValueError("params is empty: every param group has an empty 'params' list")
@@ -135,6 +141,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._buckets.extend(self._make_buckets(index))
         self._reducer = GradReducer(self._buckets, self._plan, reduce_dtype=reduce_dtype, overlap=overlap,
                                     reduce=reduce_gradients)
+        self._param_gather = ParamGather(self._plan, [b.params for b in self._buckets],
+                                         overlap=overlap_param_gather)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -167,6 +175,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             raise
         if self._reducer is not None:
             buckets = self._make_buckets(index)
+            self._param_gather.add_buckets([b.params for b in buckets])
             self._buckets.extend(buckets)
             self._reducer.add_buckets(buckets)
 
@@ -211,6 +220,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_for_gathers()
         loss_scale = self._loss_scale_for_step(grad_scaler)
         stats = self._grad_stats(2.0)                             # 1. reduce into shards
         self.overflow = stats.found_inf
@@ -308,10 +318,19 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         )
 
     def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
-        pending = [self._plan.gather(bucket.buffer.flat, f"params of bucket {b}")
-                   for b, (bucket, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
-        for p in pending:
-            p.wait()
+        gather = self._param_gather
+        wanted = [b for b, (_, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
+        for b in gather.gather_order(wanted):
+            gather.start(b, self._buckets[b].buffer.flat)
+        gather.release()  # waits here unless overlap_param_gather
+
+    def wait_for_gathers(self) -> None:
+        """Finish the param gathers the last ``step()`` left in flight (``overlap_param_gather``).
+
+        Not a collective. Reads in this thread wait on their own; call it before reading
+        params from another thread or handing them to code that bypasses torch functions.
+        """
+        self._param_gather.wait_all()
 
     # ---- gradients, scaling, clipping ------------------------------------------------------
     @torch.no_grad()
@@ -386,6 +405,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
 
     def shard_state(self) -> ShardState:
         """The read-only view of this rank's shards that checkpoint formats work on."""
+        self.wait_for_gathers()
         return ShardState(tuple(self._buckets), self.param_groups, self._plan, self._loss_scaler,
                           self._kernel.name, self.device)
 
@@ -396,6 +416,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def refresh_masters(self) -> None:
         """Copy fp16/bf16 params into their fp32 masters after editing params in place."""
+        self.wait_for_gathers()
         for bucket in self._buckets:
             if bucket.is_low_precision:
                 bucket.master.copy_(bucket.buffer.shard(self.rank))
