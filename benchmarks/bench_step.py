@@ -133,13 +133,16 @@ def time_batch(args: argparse.Namespace, spec: BatchSpec, rounds: int, rank: int
     data = make_batches(spec, args.model_spec.vocab, num_steps, rank=rank, seed=args.seed)
     trainers = _build_all(args, spec)
     times: dict[str, list] = {t.name: [] for t in trainers}
+    cpu: dict[str, list] = {t.name: [] for t in trainers}  # process CPU s (all threads) per step
     cursor = 0
     for r in range(args.warmup + rounds):
         for t in trainers:
             _barrier()
             for k in range(args.steps_per_round):
+                cpu0 = time.process_time()
                 step_times = t.train_step(*data[cursor + k])
                 if r >= args.warmup:
+                    cpu[t.name].append(time.process_time() - cpu0)
                     times[t.name].append([step_times.forward, step_times.backward, step_times.step])
         cursor += args.steps_per_round
     assert torch.get_num_threads() == 1, torch.get_num_threads()
@@ -149,7 +152,7 @@ def time_batch(args: argparse.Namespace, spec: BatchSpec, rounds: int, rank: int
                            "order": [t.name for t in trainers], "configs": {}}
     for t in trainers:
         held = t.held_bytes()
-        entry: dict[str, Any] = {"step_phases_s": times[t.name], "held_masters": held.masters,
+        entry: dict[str, Any] = {"step_phases_s": times[t.name], "cpu_s": cpu[t.name], "held_masters": held.masters,
                                  "held_state": held.state}
         if ref_flat is not None:
             entry["max_abs_diff_vs_ddp"] = _max_abs_diff(t.flat_params(), ref_flat)

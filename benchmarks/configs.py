@@ -31,6 +31,7 @@ LABELS = {
 # list: name -> extra ShardedFusedAdam keyword arguments.
 VARIANTS = {
     "ours_allreduce_broadcast": {"comm": "allreduce_broadcast"},
+    "ours_overlap_gather": {"overlap_param_gather": True},
 }
 LABELS.update({name: "ShardedFusedAdam " + ", ".join(f"{k}={v}" for k, v in kw.items())
                for name, kw in VARIANTS.items()})
