@@ -141,9 +141,14 @@ def time_batch(args: argparse.Namespace, spec: BatchSpec, rounds: int, rank: int
             for k in range(args.steps_per_round):
                 cpu0 = time.process_time()
                 step_times = t.train_step(*data[cursor + k])
+                drain = 0.0
+                if k == args.steps_per_round - 1:  # the round's last step pays for what it left in flight
+                    t0 = time.perf_counter()
+                    t.drain()
+                    drain = time.perf_counter() - t0
                 if r >= args.warmup:
                     cpu[t.name].append(time.process_time() - cpu0)
-                    times[t.name].append([step_times.forward, step_times.backward, step_times.step])
+                    times[t.name].append([step_times.forward, step_times.backward, step_times.step + drain])
         cursor += args.steps_per_round
     assert torch.get_num_threads() == 1, torch.get_num_threads()
     ref = next((t for t in trainers if t.name == "ddp_adam"), None)

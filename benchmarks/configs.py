@@ -30,8 +30,8 @@ LABELS = {
 # Variants of ours for A/B runs (``--configs ours,ours_allreduce_broadcast``), not in the default
 # list: name -> extra ShardedFusedAdam keyword arguments.
 VARIANTS = {
-    "ours_allreduce_broadcast": {"comm": "allreduce_broadcast"},
     "ours_overlap_gather": {"overlap_param_gather": True},
+    "ours_allreduce_broadcast": {"comm": "allreduce_broadcast"},  # gloo before SendRecv
 }
 LABELS.update({name: "ShardedFusedAdam " + ", ".join(f"{k}={v}" for k, v in kw.items())
                for name, kw in VARIANTS.items()})
@@ -127,6 +127,9 @@ class Trainer:
 
     def held_bytes(self) -> HeldBytes:
         raise NotImplementedError
+
+    def drain(self) -> None:
+        """Finish work a step left in flight, so it is not hidden in the next configuration's time."""
 
     def flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
@@ -237,6 +240,9 @@ class Ours(Trainer):
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def drain(self) -> None:
+        self.optimizer.wait_for_gathers()
 
     def held_bytes(self) -> HeldBytes:
         report = self.optimizer.memory_report()

@@ -27,7 +27,7 @@ BREAKDOWN_ROWS = {
     "step_sync_params": "of which torch ZeRO: broadcast params (_sync_params)",
     "step_grad_stats": "of which ours: wait for reductions + overflow/norm (_grad_stats)",
     "step_update_shards": "of which ours: fused Adam on own shards (_update_shards)",
-    "step_gather_params": "of which ours: broadcast shards (_gather_params)",
+    "step_gather_params": "of which ours: param gathers (_gather_params; overlapped: only their start)",
     "total": "total",
 }
 

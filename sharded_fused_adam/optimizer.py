@@ -69,8 +69,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             ``CollectiveError`` names the ranks that never joined (None: the process group's
             timeout, 30 min by default for gloo).
         overlap_param_gather: ``step()`` returns with the param gathers in flight; the first
-            read of each bucket's params waits for that bucket (see param_gather.py). Reads
-            from other threads must call ``wait_for_gathers()`` first.
+            read of each bucket's params waits for that bucket (see param_gather.py), so a
+            failed gather raises its ``CollectiveError`` there. Reads from other threads must
+            call ``wait_for_gathers()`` first. False waits for every gather inside ``step()``.
 
     Raises:
         ValueError: a hyperparameter out of range, empty params, a duplicated, aliased,

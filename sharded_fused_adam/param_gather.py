@@ -12,8 +12,10 @@ for exactly the bucket it touches:
   bucket's flat buffer first waits for that bucket. That covers module forwards in any
   order, tied params, params read outside any module (in the loss, in a custom function),
   ``no_grad``/eval forwards, ``model.state_dict()`` (``detach``), ``torch.save``, ``.data``,
-  ``copy.deepcopy``. Anything this module does not see (another thread, C++ holding raw
-  pointers) must call ``ShardedFusedAdam.wait_for_gathers()`` first.
+  ``copy.deepcopy``, in-place writes such as ``load_state_dict``. Calls that touch only
+  metadata or ``.grad`` (``model.zero_grad()``, shapes) do not wait. Anything this module
+  does not see (another thread, C++ holding raw pointers) must call
+  ``ShardedFusedAdam.wait_for_gathers()`` first.
 * A global module forward pre-hook (registered only while gathers are in flight) waits for
   the buckets of the module's own params, and for everything before a compiled module
   (``torch.compile(model)``), so dynamo never traces through a pending gather. It is also
@@ -26,9 +28,12 @@ for exactly the bucket it touches:
 * On CUDA/NPU ``Pending.wait()`` makes the current stream wait for the collective (no host
   sync) unless a ``collective_timeout`` asks for a bounded host-side wait.
 
-The optimizer calls ``wait_all()`` at each of its own entry points that read params or
-their buffers (step, zero_grad, state_dict, load_state_dict, ...), so results are bitwise
-the same as with ``overlap=False``.
+The optimizer calls ``wait_all()`` at each of its own entry points that read or write
+params or their buffers (step, shard_state and so state_dict / load_state_dict / sharded
+checkpoints, refresh_masters, add_param_group), so results are bitwise the same as with
+``overlap=False``. It is off by default: on gloo with 2 ranks on 2 CPU cores it measured
+slower (1.03x DDP's step time against 0.95x without it, docs/benchmarks.md), because no core
+is idle for the transfer to overlap with and the guard costs ~5 us per torch call.
 """
 from __future__ import annotations
 
@@ -50,6 +55,16 @@ def _compiled(module: torch.nn.Module) -> bool:
     return attrs.get("_orig_mod") is not None or attrs.get("_compiled_call_impl") is not None
 
 
+# Calls that read or set only a param's metadata or its .grad, never its values: they do not
+# wait (``model.zero_grad()`` and the optimizer's own hooks touch ``.grad`` of every param).
+_METADATA_ONLY = frozenset([
+    torch.Tensor.grad.__get__, torch.Tensor.grad.__set__, torch.Tensor.shape.__get__,
+    torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
+    torch.Tensor.is_leaf.__get__, torch.Tensor.grad_fn.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.size, torch.Tensor.numel, torch.Tensor.dim,
+])
+
+
 class _ReadGuard(TorchFunctionMode):
     """Waits for a pending bucket before any torch call that touches its params."""
 
@@ -60,7 +75,7 @@ class _ReadGuard(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None):
         owner = self._owner()
         kwargs = kwargs or {}
-        if owner is not None and owner.pending_ids:
+        if owner is not None and owner.pending_ids and func not in _METADATA_ONLY:
             owner.wait_for_args(args)
             if kwargs:
                 owner.wait_for_args(tuple(kwargs.values()))

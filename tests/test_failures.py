@@ -108,6 +108,7 @@ def _killed_in_step(rank: int, world_size: int, folder: str) -> dict:
     started = time.monotonic()
     try:
         opt.step()
+        opt.wait_for_gathers()  # the overlapped gather fails at the first read, or here
     except CollectiveError as exc:
         (Path(folder) / "survivor.txt").write_text(f"{time.monotonic() - started:.1f}\n{exc}")
     return {}

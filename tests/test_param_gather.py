@@ -98,11 +98,14 @@ def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int)
         run = torch.compile(model, backend="eager")
     elif compiled == "in_place":
         model.compile(backend="eager")
-    seen: dict = {"in_flight": [], "eval": [], "state": [], "saved": [], "losses": []}
+    seen: dict = {"in_flight": [], "in_flight_after_zero_grad": [], "eval": [], "state": [], "saved": [],
+                  "losses": []}
     gen = torch.Generator().manual_seed(100 + rank)
     for step in range(steps):
         tokens = torch.randint(0, 32, (2, 6), generator=gen)
-        model.zero_grad()  # between step() and the next forward: must not disturb the gathers
+        model.zero_grad()  # between step() and the next forward: neither waits for the gathers
+        opt.zero_grad()
+        seen["in_flight_after_zero_grad"].append(len(opt._param_gather.in_flight))
         loss = _loss(run, tokens)
         loss.backward()
         opt.step()
@@ -136,6 +139,8 @@ def _compare(world_size: int, compiled: str, ranks) -> None:
         assert a["in_flight"] == [0] * steps
     # The overlap was real: the late peer's gathers were still in flight when step() returned.
     assert all(n > 0 for n in overlapped[0]["in_flight"]), overlapped[0]["in_flight"]
+    # After step 0 nothing read the params before the zero_grads (later steps have reads).
+    assert overlapped[0]["in_flight_after_zero_grad"][1] > 0, overlapped[0]["in_flight_after_zero_grad"]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
