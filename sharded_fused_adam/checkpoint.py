@@ -37,6 +37,7 @@ __all__ = [
     "check_state_fits",
     "assemble_shard",
     "require_every_rank",
+    "StateDictCalls",
     "save_full",
     "load_full",
     "STATE_KEYS",
@@ -67,6 +68,36 @@ def require_every_rank(what: str, plan: CommPlan, call: int, timeout_s: float) -
             "`sd = opt.state_dict()` then `if rank == 0: torch.save(sd, path)`; or "
             "`opt.state_dict(rank0_only=True)` on every rank; or `opt.snapshot_state_dict()` on every "
             "rank first, after which one rank may call state_dict() alone.")
+
+
+class StateDictCalls:
+    """Makes every rank's n-th ``state_dict()`` meet the others' (bounded), and keeps a snapshot.
+
+    ``gathered`` returns the snapshot while it is current (its ``version`` is the optimizer's),
+    on any single rank and without communicating; otherwise it waits until every rank made
+    the same call, then gathers. A call that timed out is not counted, so the next call made
+    on every rank matches again.
+    """
+
+    def __init__(self, plan: CommPlan, timeout_s: float):
+        self._plan, self._timeout_s = plan, timeout_s
+        self._calls = 0
+        self._snapshot: Optional[tuple[int, dict]] = None
+
+    def gathered(self, version: int, rank0_only: bool, gather: Callable[[], dict]) -> dict:
+        if self._snapshot is not None and self._snapshot[0] == version:
+            return {} if rank0_only and self._plan.rank != 0 else self._snapshot[1]
+        self._calls += 1
+        try:
+            require_every_rank("state_dict()", self._plan, self._calls, self._timeout_s)
+        except CollectiveError:
+            self._calls -= 1
+            raise
+        return gather()
+
+    def snapshot(self, version: int, gather: Callable[[], dict]) -> None:
+        self._snapshot = None
+        self._snapshot = (version, self.gathered(version, False, gather))
 
 
 def saved_groups(shards: ShardState) -> list[dict]:
