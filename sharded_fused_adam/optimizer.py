@@ -247,8 +247,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._record_verdict(stats, loss_scale, grad_scaler)
         if not stats.found_inf:
             multiplier = self._clip_coefficient(loss_scale) / loss_scale
-            self._update_shards(stats.has_grad, multiplier)       # 3. update own shards
-            self._gather_params(stats.has_grad)                   # 4. gather into the params
+            self._update_shards(stats.has_grad, multiplier)       # 3. update own shards, start gathers
+            self._gather_params()                                 # 4. gathers into the params end
         self._grads.end_step()
         self._pending_clips, self._stats = [], {}
         self._version += 1
@@ -317,7 +317,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                 "it no longer trains them."))
         if multiplier != 1.0:
             self._grads.scale_(multiplier)
-        for bucket, mask in self._bucket_masks(has_grad):
+        masks = [mask for _, mask in self._bucket_masks(has_grad)]
+        wanted = self._param_gather.gather_order([b for b, mask in enumerate(masks) if any(mask)])
+        for b in wanted + [b for b in range(len(masks)) if b not in set(wanted)]:
+            bucket, mask = self._buckets[b], masks[b]
             if self.param_groups[bucket.group_index]["amsgrad"]:
                 bucket.ensure_amsgrad_buffer()  # on every rank, even one whose shard is all padding
             segments = bucket.segments_to_update(mask)
@@ -325,6 +328,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                 self._run_kernel(bucket, segments)
             bucket.advance_steps(mask)
             bucket.publish_master()
+            if any(mask):  # pipelined: this bucket's gather overlaps the next buckets' updates
+                self._param_gather.start(b, bucket.buffer.flat)
 
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
         group = self.param_groups[bucket.group_index]
@@ -339,12 +344,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
         )
 
-    def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
-        gather = self._param_gather
-        wanted = [b for b, (_, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
-        for b in gather.gather_order(wanted):
-            gather.start(b, self._buckets[b].buffer.flat)
-        gather.release()  # waits here unless overlap_param_gather
+    def _gather_params(self) -> None:
+        self._param_gather.release()  # waits here for the gathers unless overlap_param_gather
 
     def wait_for_gathers(self) -> None:
         """Finish the param gathers the last ``step()`` left in flight (``overlap_param_gather``).
