@@ -1,4 +1,5 @@
-"""``sharded-fused-adam-checkpoint``: inspect a sharded checkpoint or consolidate it into one torch file."""
+"""``sharded-fused-adam-checkpoint``: inspect a sharded checkpoint, consolidate it into one torch file, or
+convert between our formats, DeepSpeed (ZeRO 0-2 and universal) and torch.distributed.checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .convert import cli as convert_cli
 from .sharded_checkpoint import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
@@ -23,8 +25,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     conv = sub.add_parser("consolidate", help="write one torch.optim.Adam-layout state dict file")
     conv.add_argument("checkpoint", type=Path)
     conv.add_argument("output", type=Path)
+    convert_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            return convert_cli.run(args)
         if args.command == "inspect":
             reader = CheckpointReader(args.checkpoint)
             stepped = sum(1 for p in reader.meta["params"] if p["step"] > 0)
