@@ -20,6 +20,7 @@ what ``get_optimizer_state_dict`` gives) and flattened (``param_groups.<FQN>.<na
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -175,8 +176,10 @@ def _metadata(path: PathLike) -> Any:
 
 
 def _load_values(path: PathLike, wanted: dict[str, Any], process_group: Any = None, no_dist: bool = True) -> dict:
-    dcp.load(wanted, checkpoint_id=os.fspath(path), process_group=process_group, no_dist=no_dist,
-             planner=_LoadPlanner())
+    with warnings.catch_warnings():  # offline reads are single-process on purpose: DCP's warning says so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, checkpoint_id=os.fspath(path), process_group=process_group, no_dist=no_dist,
+                 planner=_LoadPlanner())
     return wanted
 
 
@@ -324,4 +327,6 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
     groups = [{**g, "params": list(g["params"])} for g in state.groups]
     sd = _with_flat_groups({"state": out, "param_groups": groups})
     writer = dcp.FileSystemWriter(os.fspath(dst), thread_count=1)
-    dcp.save({key: sd} if key else sd, storage_writer=writer, no_dist=True, planner=_SavePlanner())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({key: sd} if key else sd, storage_writer=writer, no_dist=True, planner=_SavePlanner())
