@@ -9,7 +9,6 @@ for bit with what each side gathers itself (``full_state_dict=True`` / our ``sta
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from sharded_fused_adam import ShardedFusedAdam
 from sharded_fused_adam.checkpoint_cli import main as cli_main
 from sharded_fused_adam.convert import CheckpointError, load_dcp, read_dcp, read_torch, save_dcp
-from sharded_fused_adam.convert.dcp import boxes
+from sharded_fused_adam.convert.dcp_chunks import boxes
 
 BEFORE, AFTER, LR = 3, 2, 1e-2
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .apply import load_named, param_fqns
 from .dcp import load_dcp, read_dcp, save_dcp, write_dcp
-from .deepspeed import read_deepspeed, write_deepspeed
+from .deepspeed import read_deepspeed
+from .deepspeed_write import write_deepspeed
 from .ours import read_ours, read_torch, write_ours, write_torch
 from .state import CheckpointError, NamedState, check_complete
 from .universal import read_universal, write_universal

@@ -74,7 +74,7 @@ def write(state: NamedState, fmt: str, dst: Path, *, module: Optional[dict] = No
           world_size: int = 1, stage: int = 2, tag: Optional[str] = None, key: str = "optimizer") -> None:
     """Write ``state`` as format ``fmt`` at ``dst``."""
     from .dcp import write_dcp
-    from .deepspeed import write_deepspeed
+    from .deepspeed_write import write_deepspeed
     from .ours import write_ours, write_torch
     from .universal import write_universal
 

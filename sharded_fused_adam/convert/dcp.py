@@ -1,16 +1,6 @@
 """``torch.distributed.checkpoint`` (DCP) in the layout ``get_optimizer_state_dict`` gives for torch Adam.
 
-[Note: DCP chunks of flat shards]
-DCP describes a rank's part of a tensor as rectangular chunks (per-dim offsets and sizes),
-and DTensor placements can only cut whole rows or columns. Our shards are 1-D ranges of
-the *flattened* param, which usually start and end mid-row. A contiguous range of a
-C-contiguous tensor is, however, always a union of at most ``2 * ndim - 1`` rectangles, each of
-them itself contiguous in memory: a partial last-dim run up to a row boundary, whole rows up
-to a plane boundary, ..., whole outer slices, then the same in reverse. ``boxes`` computes
-them, and ``FlatChunks`` hands them to DCP through its ``__create_write_items__`` /
-``__create_chunk_list__`` / ``__get_tensor_shard__`` protocol (the one DTensor implements), so
-DCP's own planners and storage layer write, dedupe, validate and reshard them: each rank
-writes only the bytes it owns, and on load reads only the chunks overlapping its fragments.
+See [Note: DCP chunks of flat shards] in ``dcp_chunks.py`` for how flat shards become DCP chunks.
 
 Keys (under ``key``, default ``"optimizer"``) are ``state.<FQN>.{step, exp_avg, exp_avg_sq,
 [max_exp_avg_sq], [master_param]}`` and the param groups both nested (``param_groups.<i>.<name>``,
@@ -21,110 +11,21 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint import HasShardState, merged_groups, saved_groups
 from .apply import Names, param_fqns
-from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor,
-                    check_complete)
+from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata
+from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState,
+                    Piece, StateTensor, check_complete)
 
-__all__ = ["boxes", "FlatChunks", "save_dcp", "load_dcp", "read_dcp", "write_dcp"]
+__all__ = ["save_dcp", "load_dcp", "read_dcp", "write_dcp"]
 
 PathLike = Union[str, os.PathLike]
-Box = tuple[tuple[int, ...], tuple[int, ...], int]  # offsets, sizes, flat start
-
-
-def boxes(shape: tuple[int, ...], start: int, end: int) -> list[Box]:
-    """The rectangles that make up elements ``[start, end)`` of a flattened ``shape`` (see the note)."""
-    shape = tuple(shape)
-    if not shape:
-        return [((), (), 0)] if start < end else []
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    out, pos = [], start
-    while pos < end:
-        k = next(d for d in range(len(shape)) if pos % strides[d] == 0 and strides[d] <= end - pos)
-        count = min((end - pos) // strides[k], shape[k] - (pos // strides[k]) % shape[k])
-        offsets = tuple((pos // strides[d]) % shape[d] for d in range(len(shape)))
-        out.append((offsets, (1,) * k + (count,) + shape[k + 1:], pos))
-        pos += count * strides[k]
-    return out
-
-
-class FlatChunks:
-    """One rank's part of one saved tensor: ``boxes`` of a flat range, each a view of ``flat``.
-
-    Args:
-        shape: the whole tensor's shape.
-        flat: this rank's elements ``[start, start + flat.numel())`` of the flattened tensor, or a
-            callable ``(start, end) -> tensor`` that reads them when DCP asks (offline writing).
-        start: where ``flat`` begins in the flattened tensor.
-        dtype: the saved dtype.
-    """
-
-    def __init__(self, shape: torch.Size, flat: Union[torch.Tensor, Callable], start: int, dtype: torch.dtype):
-        self.shape, self.flat, self.start, self.dtype = torch.Size(shape), flat, start, dtype
-        numel = flat.numel() if isinstance(flat, torch.Tensor) else self.shape.numel() - start
-        self.boxes = boxes(tuple(self.shape), start, start + numel)
-
-    def size(self) -> torch.Size:
-        return self.shape
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in self.boxes]
-
-    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
-        return [WriteItem(index=MetadataIndex(fqn, torch.Size(o), i), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=self.dtype),
-                                                      size=self.shape))
-                for i, ((o, _, _), chunk) in enumerate(zip(self.boxes, self.__create_chunk_list__()))]
-
-    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        i = index.index
-        if i is None or i >= len(self.boxes) or torch.Size(self.boxes[i][0]) != index.offset:
-            i = next(j for j, (o, _, _) in enumerate(self.boxes) if torch.Size(o) == index.offset)
-        _, sizes, flat_start = self.boxes[i]
-        numel = torch.Size(sizes).numel()
-        if isinstance(self.flat, torch.Tensor):
-            return self.flat.narrow(0, flat_start - self.start, numel).view(sizes)
-        return self.flat(flat_start, flat_start + numel).view(sizes)
-
-
-class _SavePlanner(DefaultSavePlanner):
-    """DCP's default planner; only the lookup of a ``FlatChunks`` chunk is ours (DCP's own
-    lookup accepts only ``torch.Tensor`` subclasses as chunked objects)."""
-
-    def lookup_object(self, index: MetadataIndex) -> Any:
-        obj = self.state_dict.get(index.fqn)
-        return obj.__get_tensor_shard__(index) if isinstance(obj, FlatChunks) else super().lookup_object(index)
-
-
-class _LoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, with the same ``FlatChunks`` lookup as ``_SavePlanner``.
-
-    Its ``set_up_planner`` runs ``_init_state_dict``, which (torch 2.13) replaces every value
-    that is not a tensor, number, string or container by None, so the ``FlatChunks`` of our
-    flat top-level keys are set aside across that call and put back.
-    """
-
-    def set_up_planner(self, state_dict: dict, metadata: Any = None, is_coordinator: bool = False) -> None:
-        chunks = {k: v for k, v in state_dict.items() if isinstance(v, FlatChunks)}
-        state_dict.update({k: torch.empty(0) for k in chunks})
-        super().set_up_planner(state_dict, metadata, is_coordinator)
-        state_dict.update(chunks)
-        self.state_dict.update(chunks)
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        obj = self.state_dict.get(index.fqn)
-        return obj.__get_tensor_shard__(index) if isinstance(obj, FlatChunks) else super().lookup_tensor(index)
 
 
 def _torch_groups(groups: list[dict], fqns: list[Optional[str]]) -> list[dict[str, Any]]:
@@ -165,27 +66,12 @@ def save_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
                 state[fqns[frag.index]][k] = FlatChunks(shape, view, frag.param_start, shard.dtype)
     sd = _with_flat_groups({"state": state, "param_groups": _torch_groups(saved_groups(shards), fqns)})
     dcp.save({key: sd} if key else sd, checkpoint_id=os.fspath(path), process_group=shards.plan.group,
-             planner=_SavePlanner())
-
-
-def _metadata(path: PathLike) -> Any:
-    try:
-        return dcp.FileSystemReader(os.fspath(path)).read_metadata()
-    except (FileNotFoundError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable DCP checkpoint: {exc}") from exc
-
-
-def _load_values(path: PathLike, wanted: dict[str, Any], process_group: Any = None, no_dist: bool = True) -> dict:
-    with warnings.catch_warnings():  # offline reads are single-process on purpose: DCP's warning says so
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, checkpoint_id=os.fspath(path), process_group=process_group, no_dist=no_dist,
-                 planner=_LoadPlanner())
-    return wanted
+             planner=SavePlanner())
 
 
 def _describe(path: PathLike, prefix: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Per FQN the saved tensor metadata by state key, and the param groups (hyperparameters and FQNs)."""
-    md = _metadata(path).state_dict_metadata
+    md = read_metadata(path).state_dict_metadata
     entries: dict[str, dict[str, Any]] = {}
     head = f"{prefix}state."
     for key, value in md.items():
@@ -200,7 +86,7 @@ def _describe(path: PathLike, prefix: str) -> tuple[dict[str, dict[str, Any]], l
                     if k.startswith(groups_head) and k.endswith(".params") and k[len(groups_head):-7].isdigit())
     names = HYPERPARAMETERS + IMPLEMENTATION_KEYS + ("params",)
     wanted = {f"{groups_head}{g}.{h}": None for g in nested for h in names if f"{groups_head}{g}.{h}" in md}
-    values = _load_values(path, dict(wanted)) if wanted else {}
+    values = load_values(path, dict(wanted)) if wanted else {}
     groups = [{h: values[f"{groups_head}{g}.{h}"] for h in names if f"{groups_head}{g}.{h}" in values}
               for g in nested]
     if not groups or any("params" not in g for g in groups):
@@ -256,7 +142,7 @@ def load_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
                 view = buf.narrow(0, frag.shard_offset, frag.numel)
                 wanted[f"{prefix}state.{fqns[frag.index]}.{k}"] = FlatChunks(shape, view, frag.param_start, buf.dtype)
         staged.append((bucket, pieces))
-    _load_values(path, wanted, shards.plan.group, no_dist=shards.world_size == 1)
+    load_values(path, wanted, shards.plan.group, no_dist=shards.world_size == 1)
     by_name = {n: g for g in groups for n in g["params"]}
     saved = []
     for g in saved_groups(shards):
@@ -281,7 +167,7 @@ class _DCPTensor:
     def read(self, start: int, end: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.cache is None:
             target = torch.empty(self.md.size, dtype=self.md.properties.dtype)
-            self.cache = _load_values(self.path, {self.key: target})[self.key].reshape(-1)
+            self.cache = load_values(self.path, {self.key: target})[self.key].reshape(-1)
         value = self.cache[start:end]
         if end >= self.cache.numel():
             self.cache = None  # read to the end: readers go front to back, so drop it
@@ -293,7 +179,7 @@ def read_dcp(path: PathLike, *, key: str = "optimizer") -> NamedState:
     prefix = f"{key}." if key else ""
     entries, groups = _describe(path, prefix)
     steps_wanted = {f"{prefix}state.{fqn}.step": torch.tensor(0.0) for fqn, e in entries.items() if "step" in e}
-    steps = _load_values(path, steps_wanted) if steps_wanted else {}
+    steps = load_values(path, steps_wanted) if steps_wanted else {}
     params, weights = {}, {}
     where = f"{os.fspath(path)}/.metadata"
     for fqn, e in entries.items():
@@ -329,4 +215,4 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
     writer = dcp.FileSystemWriter(os.fspath(dst), thread_count=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({key: sd} if key else sd, storage_writer=writer, no_dist=True, planner=_SavePlanner())
+        dcp.save({key: sd} if key else sd, storage_writer=writer, no_dist=True, planner=SavePlanner())

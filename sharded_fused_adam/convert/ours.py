@@ -17,10 +17,10 @@ import torch
 
 from ..checkpoint import FORMAT_VERSION
 from ..sharded_checkpoint import _FORMAT, CheckpointReader
-from .deepspeed import _placeholder, step_value
+from .deepspeed import step_value
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
     group_hyperparameters
-from .torch_files import LazyTensor, load_lazy, save_streamed
+from .torch_files import LazyTensor, load_lazy, placeholder, save_streamed
 
 __all__ = ["read_ours", "read_torch", "write_ours", "write_torch"]
 
@@ -140,9 +140,9 @@ def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], Non
         p = state.params[name]
         entry: dict[str, Any] = {"step": torch.tensor(float(p.step))}
         for key, tensor in p.tensors.items():
-            entry[key] = _placeholder(p.shape, tensor.read, fillers)
+            entry[key] = placeholder(p.shape, tensor.read, fillers)
         if state.extra.get("masters") and name in state.weights:
-            entry["master_param"] = _placeholder(p.shape, state.weights[name].read, fillers)
+            entry["master_param"] = placeholder(p.shape, state.weights[name].read, fillers)
         out[i] = entry
     extra = {"version": FORMAT_VERSION, "world_size": 1,
              "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}

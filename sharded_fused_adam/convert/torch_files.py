@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-__all__ = ["LazyTensor", "load_lazy", "save_streamed", "iter_tensors", "Filler"]
+__all__ = ["LazyTensor", "load_lazy", "save_streamed", "placeholder", "iter_tensors", "Filler"]
 
 PathLike = Union[str, os.PathLike]
 Filler = Callable[[int, int], torch.Tensor]  # (start, end) flattened elements -> a tensor of them
@@ -150,6 +150,14 @@ def iter_tensors(obj: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from iter_tensors(v, prefix + (i,))
+
+
+def placeholder(shape: Any, fill: Callable[[int, int], torch.Tensor], fillers: dict,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor for ``save_streamed`` whose bytes ``fill(start, end)`` provides (registered in ``fillers``)."""
+    t = torch.empty(shape, dtype=dtype)  # never touched: save_streamed fills the file instead
+    fillers[id(t)] = fill
+    return t
 
 
 def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:

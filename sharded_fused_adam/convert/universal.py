@@ -21,10 +21,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .deepspeed import DS_VERSION_WRITTEN, _placeholder, checkpoint_folder, model_states, step_value
+from .deepspeed import checkpoint_folder, step_value
+from .deepspeed_write import DS_VERSION_WRITTEN, model_states
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, StateTensor, check_complete, \
     group_hyperparameters
-from .torch_files import LazyTensor, load_lazy, save_streamed
+from .torch_files import LazyTensor, load_lazy, placeholder, save_streamed
 
 __all__ = ["read_universal", "write_universal"]
 
@@ -120,7 +121,7 @@ def write_universal(state: NamedState, dst: PathLike, *, module: Mapping[str, An
     zero = folder / "zero"
     zero.mkdir(parents=True, exist_ok=True)
     fillers: dict[int, Callable] = {}
-    meta["module"] = {k: _placeholder(v.shape, v.read, fillers, v.dtype) if isinstance(v, LazyTensor) else v
+    meta["module"] = {k: placeholder(v.shape, v.read, fillers, v.dtype) if isinstance(v, LazyTensor) else v
                       for k, v in module.items()}
     save_streamed(meta, folder / "mp_rank_00_model_states.pt", fillers)
     for name, param in state.params.items():
@@ -130,7 +131,7 @@ def write_universal(state: NamedState, dst: PathLike, *, module: Mapping[str, An
         sources["fp32"] = state.weights.get(name) or StateTensor.whole(_to_reader(module[name]), "module")
         for key, source in sources.items():
             fill: dict[int, Callable] = {}
-            value = _placeholder(param.shape, source.read, fill)
+            value = placeholder(param.shape, source.read, fill)
             save_streamed({"param": value, "cat_dim": 0}, param_dir / f"{key}.pt", fill)
         torch.save(torch.tensor(float(param.step)), param_dir / "step.pt")
         progress(param.shape.numel())
