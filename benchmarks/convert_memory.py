@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sharded_fused_adam.convert.deepspeed import write_deepspeed
+from sharded_fused_adam.convert.deepspeed_write import write_deepspeed
 from sharded_fused_adam.convert.state import NamedState, ParamState, Piece, StateTensor
 
 
@@ -56,15 +55,19 @@ def fabricate(folder: Path, *, numel: int, num_params: int, world_size: int) -> 
     return state
 
 
+# The child reports its own VmHWM: getrusage's ru_maxrss of a child also counts the pages it
+# shared with this parent between fork and exec.
+_CHILD = ("import sys; from sharded_fused_adam.checkpoint_cli import main; rc = main(sys.argv[1:]); "
+          "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(rc)")
+
+
 def run_child(args: list[str]) -> dict:
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "sharded_fused_adam.checkpoint_cli", *args, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    output = proc.stdout.read().decode()
-    if status != 0:
-        raise RuntimeError(f"{args} failed:\n{output}")
-    return {"seconds": round(time.monotonic() - started, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args, "--no-progress"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{done.stdout}\n{done.stderr}")
+    hwm_kib = int(next(line for line in done.stdout.splitlines() if line.startswith("VmHWM")).split()[1])
+    return {"seconds": round(time.monotonic() - started, 1), "peak_rss_mib": round(hwm_kib / 1024)}
 
 
 def du(path: Path) -> float:
@@ -83,6 +86,8 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     started = time.monotonic()
     state = fabricate(root / "ds", numel=int(args.params_b * 1e9), num_params=args.num_params, world_size=args.world_size)
+    shapes = [p.shape for p in state.params.values()]
+    del state  # the fabricated bf16 module is freed before any child starts
     results = [{"step": "fabricate deepspeed", "seconds": round(time.monotonic() - started, 1),
                 "gib": round(du(root / "ds"), 1)}]
     for src_fmt, dst_fmt, src, dst, extra in (
@@ -92,7 +97,7 @@ def main() -> None:
             ("ours", "deepspeed", "ours", "ds4", ["--world-size", "4", "--module", str(root / "module.pt")])):
         if dst_fmt == "deepspeed":  # ours holds no bf16 weights: DeepSpeed's module entry comes from a model file
             torch.save({f"layers.{p}.weight": torch.zeros(shape, dtype=torch.bfloat16)
-                        for p, shape in enumerate(state.params[n].shape for n in state.params)}, root / "module.pt")
+                        for p, shape in enumerate(shapes)}, root / "module.pt")
         res = run_child(["convert", "--from", src_fmt, "--to", dst_fmt, str(root / src), str(root / dst), *extra])
         results.append({"step": f"{src_fmt} -> {dst_fmt}", **res, "gib_written": round(du(root / dst), 1)})
         print(json.dumps(results[-1]), flush=True)

@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.save(state, args.output)
             print(f"wrote {args.output}: {len(state['state'])} param states, "
                   f"{len(state['param_groups'])} param groups")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint import HasShardState, merged_groups, saved_groups
 from .apply import Names, param_fqns
-from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata
+from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata, storage_writer
 from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState,
                     Piece, StateTensor, check_complete)
 
@@ -65,7 +65,7 @@ def save_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
                 view = shard.detach().narrow(0, frag.shard_offset, frag.numel)
                 state[fqns[frag.index]][k] = FlatChunks(shape, view, frag.param_start, shard.dtype)
     sd = _with_flat_groups({"state": state, "param_groups": _torch_groups(saved_groups(shards), fqns)})
-    dcp.save({key: sd} if key else sd, checkpoint_id=os.fspath(path), process_group=shards.plan.group,
+    dcp.save({key: sd} if key else sd, storage_writer=storage_writer(path), process_group=shards.plan.group,
              planner=SavePlanner())
 
 
@@ -212,7 +212,6 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
         out[name] = entry
     groups = [{**g, "params": list(g["params"])} for g in state.groups]
     sd = _with_flat_groups({"state": out, "param_groups": groups})
-    writer = dcp.FileSystemWriter(os.fspath(dst), thread_count=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({key: sd} if key else sd, storage_writer=writer, no_dist=True, planner=SavePlanner())
+        dcp.save({key: sd} if key else sd, storage_writer=storage_writer(dst), no_dist=True, planner=SavePlanner())

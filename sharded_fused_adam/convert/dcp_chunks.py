@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from .state import CheckpointError
 
-__all__ = ["boxes", "FlatChunks", "SavePlanner", "LoadPlanner", "load_values", "read_metadata"]
+__all__ = ["boxes", "FlatChunks", "SavePlanner", "LoadPlanner", "load_values", "read_metadata", "storage_writer"]
 
 PathLike = Union[str, os.PathLike]
 Box = tuple[tuple[int, ...], tuple[int, ...], int]  # offsets, sizes, flat start
@@ -131,3 +131,14 @@ def load_values(path: PathLike, wanted: dict[str, Any], process_group: Any = Non
         dcp.load(wanted, checkpoint_id=os.fspath(path), process_group=process_group, no_dist=no_dist,
                  planner=LoadPlanner())
     return wanted
+
+
+def storage_writer(path: PathLike) -> dcp.FileSystemWriter:
+    """DCP's file writer, one file per chunk, so memory stays at one chunk.
+
+    DCP's ``FileSystemWriter`` (torch 2.13) keeps a reference to every tensor it wrote to a
+    file until that file is closed (and clones views first), so with the default one file
+    per rank a save would hold a copy of the rank's whole state; one file per write item
+    bounds it to one chunk.
+    """
+    return dcp.FileSystemWriter(os.fspath(path), single_file_per_rank=False, thread_count=1)

@@ -158,6 +158,8 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
     """Write a sharded checkpoint folder (one rank file with whole params), param by param."""
     check_complete(state)
     dst = Path(dst)
+    if (dst / "LATEST").exists():
+        raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
     folder = dst / "v00000001"
     folder.mkdir(parents=True, exist_ok=True)
     order = [n for g in state.groups for n in g["params"]]

@@ -178,7 +178,7 @@ def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
             target = placed[where]
             if fill is None:
                 data = tensor.detach().contiguous().reshape(-1)
-                os.pwrite(f.fileno(), data.view(torch.uint8).numpy().tobytes(), target.byte_offset)
+                os.pwrite(f.fileno(), memoryview(data.view(torch.uint8).numpy()), target.byte_offset)
                 continue
             item = tensor.element_size()
             for start in range(0, tensor.numel(), _CHUNK_ELEMENTS):
