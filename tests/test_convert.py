@@ -113,3 +113,21 @@ def test_incomplete_state_names_the_param_and_the_file(tmp_path):
 def read_ours_after_save(opt: ShardedFusedAdam, tmp_path):
     save_sharded(opt, tmp_path / "ours")
     return read_ours(tmp_path / "ours")
+
+
+@pytest.mark.slow
+def test_convert_memory_benchmark_runs_tiny(tmp_path):
+    """benchmarks/convert_memory.py end to end at 2M params (four CLI children: ~40 s)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--params-b", "0.002", "--num-params", "2",
+                           "--world-size", "3", "--dir", str(tmp_path / "bench")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in summary["results"]][1:] == ["deepspeed -> ours", "ours -> dcp",
+                                                           "deepspeed -> universal", "ours -> deepspeed"]
+    assert all(r["peak_rss_mib"] > 0 for r in summary["results"][1:]) and not (tmp_path / "bench").exists()

@@ -147,7 +147,7 @@ def load_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
     saved = []
     for g in saved_groups(shards):
         first = next((by_name[fqns[i]] for i in g["params"] if fqns[i] in by_name and fqns[i] in entries), {})
-        saved.append({**g, **{h: first[h] for h in HYPERPARAMETERS if h in first}})
+        saved.append({**g, **{h: first[h] for h in HYPERPARAMETERS + ("maximize",) if h in first}})  # maximize: refused
     try:
         new_groups = merged_groups(shards, saved)
     except ValueError as exc:

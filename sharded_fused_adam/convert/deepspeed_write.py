@@ -26,7 +26,7 @@ DS_VERSION_WRITTEN = "0.19.8"  # the DeepSpeed version whose layout we write
 
 def model_states(state: NamedState, module: Mapping[str, Any], *, world_size: int, stage: int,
                  buffer_names: Sequence[str] = ()) -> dict[str, Any]:
-    """The ``mp_rank_00_model_states.pt`` dict DeepSpeed's ``load_checkpoint`` reads (see the module note)."""
+    """The ``mp_rank_00_model_states.pt`` dict ``load_checkpoint`` reads ([Note: DeepSpeed checkpoint layout])."""
     steps = {p.step for p in state.params.values()}
     global_steps = int(state.extra.get("global_steps") or max(steps, default=0))
     return {
