@@ -6,17 +6,26 @@ optimizer state] in ``state.py``); ``load_named`` puts one into a live ``Sharded
 each rank reading only its own ranges; every writer streams one from disk to disk. DCP
 is also saved and loaded live (``save_dcp``/``load_dcp``), each rank writing its own bytes.
 DeepSpeed itself is never needed to read or write (only to run the resulting engine).
+Submodules are imported on first use, so ``sharded-fused-adam-checkpoint`` starts fast.
 """
 from __future__ import annotations
 
-from .apply import load_named, param_fqns
-from .dcp import load_dcp, read_dcp, save_dcp, write_dcp
-from .deepspeed import read_deepspeed
-from .deepspeed_write import write_deepspeed
-from .ours import read_ours, read_torch, write_ours, write_torch
-from .state import CheckpointError, NamedState, check_complete
-from .universal import read_universal, write_universal
+import importlib
+from typing import Any
 
-__all__ = ["NamedState", "CheckpointError", "check_complete", "load_named", "param_fqns",
-           "read_deepspeed", "write_deepspeed", "read_universal", "write_universal",
-           "save_dcp", "load_dcp", "read_dcp", "write_dcp", "read_ours", "read_torch", "write_ours", "write_torch"]
+_WHERE = {
+    "NamedState": "state", "CheckpointError": "state", "check_complete": "state",
+    "load_named": "apply", "param_fqns": "apply",
+    "read_deepspeed": "deepspeed", "write_deepspeed": "deepspeed_write",
+    "read_universal": "universal", "write_universal": "universal",
+    "save_dcp": "dcp", "load_dcp": "dcp", "read_dcp": "dcp", "write_dcp": "dcp",
+    "read_ours": "ours", "read_torch": "ours", "write_ours": "ours", "write_torch": "ours",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
