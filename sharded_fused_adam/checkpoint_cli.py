@@ -1,4 +1,5 @@
-"""``sharded-fused-adam-checkpoint``: inspect or verify a sharded checkpoint, or consolidate it into one torch file."""
+"""``sharded-fused-adam-checkpoint``: inspect or verify a sharded checkpoint, consolidate it into one torch
+file, or convert between our formats, DeepSpeed (ZeRO 0-2 and universal) and torch.distributed.checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .convert import cli as convert_cli
 from .sharded_checkpoint import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
@@ -25,8 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     conv = sub.add_parser("consolidate", help="write one torch.optim.Adam-layout state dict file")
     conv.add_argument("checkpoint", type=Path)
     conv.add_argument("output", type=Path)
+    convert_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            return convert_cli.run(args)
         if args.command == "inspect":
             reader = CheckpointReader(args.checkpoint)
             stepped = sum(1 for p in reader.meta["params"] if p["step"] > 0)
@@ -42,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.save(state, args.output)
             print(f"wrote {args.output}: {len(state['state'])} param states, "
                   f"{len(state['param_groups'])} param groups")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
