@@ -8,15 +8,16 @@ holding whole params, which ``load_sharded`` reshards to any world size.
 """
 from __future__ import annotations
 
-import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from ..checkpoint import FORMAT_VERSION
-from ..sharded_checkpoint import _FORMAT, CheckpointReader
+from ..checkpoint_files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
+from ..checkpoint_reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
     group_hyperparameters
@@ -150,21 +151,22 @@ def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], Non
     progress(state.numel)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj))
-
-
 def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
-    """Write a sharded checkpoint folder (one rank file with whole params), param by param."""
+    """Write a sharded checkpoint folder (one rank file with whole params), param by param.
+
+    The folder is the same format ``save_sharded`` writes at world size 1 (checksummed
+    chunks of at most 16M elements, rank index, metadata), committed by one rename.
+    """
     check_complete(state)
     dst = Path(dst)
-    if (dst / "LATEST").exists():
+    if committed_versions(dst) if dst.exists() else False:
         raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
-    folder = dst / "v00000001"
+    final = dst / version_name(1)
+    folder = dst / f"{final.name}.tmp"
     folder.mkdir(parents=True, exist_ok=True)
     order = [n for g in state.groups for n in g["params"]]
-    pieces, offset = [], 0
-    with open(folder / "rank00000.bin", "wb") as f:
+    pieces, chunks = [], []
+    with ChecksumFile(folder / "rank00000.bin") as f:
         for i, name in enumerate(order):
             p = state.params[name]
             sources = dict(p.tensors)
@@ -174,18 +176,28 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
             for key, tensor in sources.items():
                 for start in range(0, numel, 1 << 24):
                     end = min(numel, start + (1 << 24))
-                    f.write(memoryview(tensor.read(start, end, torch.empty(end - start)).numpy()))
-                pieces.append([i, key, "float32", 0, numel, offset])
-                offset += numel * 4
+                    offset = f.nbytes
+                    nbytes, crc = f.write_tensor(tensor.read(start, end, torch.empty(end - start)))
+                    chunks.append([offset, nbytes, crc])
+                    pieces.append([i, key, "float32", start, end, offset])
             progress(numel)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_json(folder / "rank00000.json", {"nbytes": offset, "pieces": pieces})
+    steps = [[i, state.params[n].step] for i, n in enumerate(order)]
+    index = {"format": SHARDED_FORMAT, "rank": 0, "world_size": 1, "nbytes": f.nbytes, "chunks": chunks,
+             "pieces": pieces, "steps": steps}
+    raw_index = canonical_json(index)
+    write_atomic(folder / "rank00000.json", raw_index)
+    with ChecksumFile(folder / "common.pt") as common:
+        torch.save({"param_groups": _torch_groups(state),
+                    "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}, common)
     params = [{"index": i, "shape": list(state.params[n].shape), "step": state.params[n].step}
               for i, n in enumerate(order)]
-    _write_json(folder / "metadata.json", {"format": _FORMAT, "version": FORMAT_VERSION, "world_size": 1,
-                                           "params": params, "files": ["rank00000"]})
-    torch.save({"param_groups": _torch_groups(state),
-                "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}, folder / "common.pt")
-    (dst / "LATEST").write_text(folder.name)
-    return folder
+    meta = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": 1, "params": params,
+            "files": [{"name": "rank00000", "nbytes": f.nbytes, "index_crc32": zlib.crc32(raw_index)}],
+            "common": {"nbytes": common.nbytes, "crc32": common.crc}}
+    meta["crc32"] = zlib.crc32(canonical_json(meta))
+    write_atomic(folder / "metadata.json", canonical_json(meta))
+    fsync_dir(folder)
+    os.replace(folder, final)
+    write_atomic(dst / "LATEST", final.name.encode())
+    fsync_dir(dst)
+    return final
