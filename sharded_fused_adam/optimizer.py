@@ -59,11 +59,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         amsgrad: use the AMSGrad variant.
         adamw: decoupled weight decay (``torch.optim.AdamW``); per group as
             ``decoupled_weight_decay``.
-        maximize, decoupled_weight_decay, foreach, fused, capturable, differentiable: the rest of
-            ``torch.optim.Adam``'s keywords. ``maximize`` ascends the gradient;
-            ``decoupled_weight_decay`` is torch's name for ``adamw``; this optimizer is always
-            fused, so ``foreach=True`` / ``fused=False`` warn (see [Note: torch's implementation
-            flags] in validation.py); ``capturable`` and ``differentiable`` raise.
+        maximize: ascend the gradient instead of descending, as torch.optim.Adam's.
+        decoupled_weight_decay: torch.optim.Adam's name for ``adamw`` (either turns it on).
+        foreach: always fused here, so ``True`` warns (see [Note: torch's implementation
+            flags] in validation.py).
+        fused: ``None``/``True`` is what this optimizer does; ``False`` warns.
+        capturable: ``True`` (CUDA-graph capture of ``step()``) raises NotImplementedError.
+        differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
         **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
             collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
