@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when imported
 import breakdown  # noqa: E402
 import report  # noqa: E402
-from configs import CONFIGS, DS_ADAM_CHOICES, Settings, build  # noqa: E402
+from configs import CONFIGS, DS_ADAM_CHOICES, VARIANTS, Settings, build  # noqa: E402
 from models import BatchSpec, GPTLike, ModelSpec, make_batches, parse_batch  # noqa: E402
 from runner import (REPO, current_rss, init_rank, launch_torchrun, machine_facts, peak_rss,  # noqa: E402
                     read_json, write_json)
@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tag", default="gloo2", help="name of this run in the output file names")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {CONFIGS}")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma list from {CONFIGS}, or variants of ours {tuple(VARIANTS)}")
     p.add_argument("--batches", default="8x64,1x16", help="comma list of <batch>x<seq> per rank")
     p.add_argument("--rounds", default="auto",
                    help="timed rounds: one value, one per batch, or auto (10 at >= 128 tokens per rank, else 40)")
@@ -73,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.config_list = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in args.config_list if c not in CONFIGS]
+    unknown = [c for c in args.config_list if c not in CONFIGS and c not in VARIANTS]
     if unknown or not args.config_list:
         p.error(f"--configs must be a comma list from {CONFIGS}, got {args.configs!r}")
     try:
@@ -132,14 +133,22 @@ def time_batch(args: argparse.Namespace, spec: BatchSpec, rounds: int, rank: int
     data = make_batches(spec, args.model_spec.vocab, num_steps, rank=rank, seed=args.seed)
     trainers = _build_all(args, spec)
     times: dict[str, list] = {t.name: [] for t in trainers}
+    cpu: dict[str, list] = {t.name: [] for t in trainers}  # process CPU s (all threads) per step
     cursor = 0
     for r in range(args.warmup + rounds):
         for t in trainers:
             _barrier()
             for k in range(args.steps_per_round):
+                cpu0 = time.process_time()
                 step_times = t.train_step(*data[cursor + k])
+                drain = 0.0
+                if k == args.steps_per_round - 1:  # the round's last step pays for what it left in flight
+                    t0 = time.perf_counter()
+                    t.drain()
+                    drain = time.perf_counter() - t0
                 if r >= args.warmup:
-                    times[t.name].append([step_times.forward, step_times.backward, step_times.step])
+                    cpu[t.name].append(time.process_time() - cpu0)
+                    times[t.name].append([step_times.forward, step_times.backward, step_times.step + drain])
         cursor += args.steps_per_round
     assert torch.get_num_threads() == 1, torch.get_num_threads()
     ref = next((t for t in trainers if t.name == "ddp_adam"), None)
@@ -148,11 +157,11 @@ def time_batch(args: argparse.Namespace, spec: BatchSpec, rounds: int, rank: int
                            "order": [t.name for t in trainers], "configs": {}}
     for t in trainers:
         held = t.held_bytes()
-        entry: dict[str, Any] = {"step_phases_s": times[t.name], "held_masters": held.masters,
+        entry: dict[str, Any] = {"step_phases_s": times[t.name], "cpu_s": cpu[t.name], "held_masters": held.masters,
                                  "held_state": held.state}
         if ref_flat is not None:
             entry["max_abs_diff_vs_ddp"] = _max_abs_diff(t.flat_params(), ref_flat)
-        if t.name == "ours":
+        if t.name == "ours" or t.name in VARIANTS:
             entry["memory_report"] = t.optimizer.memory_report().as_dict()
             entry["last_step_comm_bytes"] = dict(t.optimizer.last_step_comm_bytes)
         out["configs"][t.name] = entry

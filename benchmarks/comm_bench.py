@@ -5,12 +5,13 @@ rank. On one flat fp32 buffer (default 16.8M elements, the benchmark model) it t
 the ops interleaved round by round:
 
 * reduce side: ``all_reduce`` (keep your slice), ``reduce_scatter_tensor``, ``reduce`` x N
-  (one per shard owner, launched together);
-* gather side: ``broadcast`` x N (one per owner, launched together), ``all_gather_into_tensor``;
+  (one per shard owner, launched together), and ``SendRecv.reduce`` (comm.py: direct
+  isend/irecv of each chunk to its owner, then a local sum);
+* gather side: ``broadcast`` x N (one per owner, launched together), ``all_gather_into_tensor``,
+  ``SendRecv.gather`` (each shard sent to every peer, received in place);
 
-and adds up the three plans: all_reduce + broadcast x N (what ShardedFusedAdam uses on gloo),
-reduce_scatter + all_gather (NCCL/HCCL), reduce x N + broadcast x N. ``all_reduce`` alone is
-DDP's whole communication. A time is the slowest rank's, the reported value the median.
+and adds up the plans of comm.py (SendRecv, AllReduceBroadcast, ScatterGather) and
+reduce x N + broadcast x N. ``all_reduce`` alone is DDP's whole communication. A time is the slowest rank's, the reported value the median.
 
 ``python benchmarks/comm_bench.py`` launches ``--nproc`` ranks with torchrun (gloo on CPU
 unless a GPU/NPU backend is available or named); under a torchrun you start yourself it runs
@@ -33,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, als
 from report import md_table  # noqa: E402
 from runner import REPO, launch_torchrun, machine_facts, read_json, write_json  # noqa: E402
 
-REDUCE_OPS = ("all_reduce", "reduce_scatter_tensor", "reduce_xN")
-GATHER_OPS = ("broadcast_xN", "all_gather_into_tensor")
+REDUCE_OPS = ("all_reduce", "reduce_scatter_tensor", "reduce_xN", "send_recv_reduce")
+GATHER_OPS = ("broadcast_xN", "all_gather_into_tensor", "send_recv_gather")
 PLANS = {
-    "all_reduce + broadcast_xN (ours on gloo)": ("all_reduce", "broadcast_xN"),
-    "reduce_scatter_tensor + all_gather_into_tensor (ours on nccl/hccl)": ("reduce_scatter_tensor",
+    "send_recv_reduce + send_recv_gather (SendRecv)": ("send_recv_reduce", "send_recv_gather"),
+    "all_reduce + broadcast_xN (AllReduceBroadcast)": ("all_reduce", "broadcast_xN"),
+    "reduce_scatter_tensor + all_gather_into_tensor (ScatterGather)": ("reduce_scatter_tensor",
                                                                            "all_gather_into_tensor"),
     "reduce_xN + broadcast_xN": ("reduce_xN", "broadcast_xN"),
     "all_reduce only (DDP)": ("all_reduce",),
@@ -96,9 +98,12 @@ def _sync(device: torch.device) -> None:
 
 def _ops(flat: torch.Tensor, rank: int, world_size: int) -> dict[str, Callable[[], None]]:
     """Each op as a closure that starts its collectives and waits for them."""
+    from sharded_fused_adam.comm import CommCounter, SendRecv
+
     shard = flat.numel() // world_size
     out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
     pieces = [flat.narrow(0, r * shard, shard) for r in range(world_size)]
+    send_recv = SendRecv(None, rank, world_size, CommCounter())
 
     def wait_all(works: list) -> None:
         for w in works:
@@ -111,6 +116,8 @@ def _ops(flat: torch.Tensor, rank: int, world_size: int) -> dict[str, Callable[[
         "broadcast_xN": lambda: wait_all([dist.broadcast(pieces[r], src=r, async_op=True)
                                           for r in range(world_size)]),
         "all_gather_into_tensor": lambda: dist.all_gather_into_tensor(flat, pieces[rank]),
+        "send_recv_reduce": lambda: send_recv.reduce(flat, out).wait(),
+        "send_recv_gather": lambda: send_recv.gather(flat).wait(),
     }
 
 
@@ -165,12 +172,25 @@ def markdown(result: dict) -> str:
             + md_table(["plan", "ops", "median ms (sum)"], plans))
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The arguments for the ranks: torchrun would read ``--nproc`` as its own (ambiguous) option."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if "RANK" in os.environ:
         rank_main(args)
         return
-    forwarded = list(argv if argv is not None else sys.argv[1:])
+    forwarded = _without_nproc(list(argv if argv is not None else sys.argv[1:]))
     path = args.results_dir / f"comm_{args.tag}.json"
     path.unlink(missing_ok=True)
     proc = launch_torchrun(Path(__file__).resolve(), forwarded, nproc=args.nproc, timeout_s=args.timeout)

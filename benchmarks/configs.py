@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CONFIGS", "LABELS", "DS_ADAM_CHOICES", "Settings", "StepTimes", "HeldBytes", "Trainer", "build"]
+__all__ = ["CONFIGS", "VARIANTS", "LABELS", "DS_ADAM_CHOICES", "Settings", "StepTimes", "HeldBytes", "Trainer", "build"]
 
 CONFIGS = ("ddp_adam", "torch_zero", "ds_zero1", "ds_zero2", "ours")
 LABELS = {
@@ -27,6 +27,14 @@ LABELS = {
     "ds_zero2": "DeepSpeed ZeRO-2",
     "ours": "ShardedFusedAdam",
 }
+# Variants of ours for A/B runs (``--configs ours,ours_allreduce_broadcast``), not in the default
+# list: name -> extra ShardedFusedAdam keyword arguments.
+VARIANTS = {
+    "ours_overlap_gather": {"overlap_param_gather": True},
+    "ours_allreduce_broadcast": {"comm": "allreduce_broadcast"},  # gloo before SendRecv
+}
+LABELS.update({name: "ShardedFusedAdam " + ", ".join(f"{k}={v}" for k, v in kw.items())
+               for name, kw in VARIANTS.items()})
 DS_ADAM_CHOICES = ("fused", "torch_adam", "deepspeed")
 
 
@@ -119,6 +127,9 @@ class Trainer:
 
     def held_bytes(self) -> HeldBytes:
         raise NotImplementedError
+
+    def drain(self) -> None:
+        """Finish work a step left in flight, so it is not hidden in the next configuration's time."""
 
     def flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
@@ -215,12 +226,13 @@ class DeepSpeedZeRO(Trainer):
 class Ours(Trainer):
     """``ShardedFusedAdam`` on the plain model (no DDP: it averages the gradients itself)."""
 
-    def __init__(self, model: nn.Module, settings: Settings):
+    def __init__(self, model: nn.Module, settings: Settings, name: str = "ours"):
         from sharded_fused_adam import ShardedFusedAdam
 
-        self.name = "ours"
+        self.name = name
         self.module = model
-        self.optimizer = ShardedFusedAdam(model.parameters(), lr=settings.lr, bucket_cap_mb=settings.bucket_mb)
+        self.optimizer = ShardedFusedAdam(model.parameters(), lr=settings.lr, bucket_cap_mb=settings.bucket_mb,
+                                          **VARIANTS.get(name, {}))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,6 +240,9 @@ class Ours(Trainer):
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def drain(self) -> None:
+        self.optimizer.wait_for_gathers()
 
     def held_bytes(self) -> HeldBytes:
         report = self.optimizer.memory_report()
@@ -248,6 +263,6 @@ def build(name: str, model: nn.Module, settings: Settings, *, micro_batch: int) 
         return TorchZeRO(model, settings)
     if name in ("ds_zero1", "ds_zero2"):
         return DeepSpeedZeRO(model, settings, stage=int(name[-1]), micro_batch=micro_batch)
-    if name == "ours":
-        return Ours(model, settings)
-    raise ValueError(f"configuration must be one of {CONFIGS}, got {name!r}")
+    if name == "ours" or name in VARIANTS:
+        return Ours(model, settings, name)
+    raise ValueError(f"configuration must be one of {(*CONFIGS, *VARIANTS)}, got {name!r}")

@@ -27,7 +27,7 @@ BREAKDOWN_ROWS = {
     "step_sync_params": "of which torch ZeRO: broadcast params (_sync_params)",
     "step_grad_stats": "of which ours: wait for reductions + overflow/norm (_grad_stats)",
     "step_update_shards": "of which ours: fused Adam on own shards (_update_shards)",
-    "step_gather_params": "of which ours: broadcast shards (_gather_params)",
+    "step_gather_params": "of which ours: param gathers (_gather_params; overlapped: only their start)",
     "total": "total",
 }
 
@@ -176,7 +176,7 @@ def step_markdown(summary: dict, plots: list[Path], md_dir: Path) -> str:
     for entry in summary["breakdown"]:
         out.append(f"## Breakdown at {entry['batch']} (medians, ms; mean of the ranks)\n\n")
         keys = [k for k in BREAKDOWN_ROWS if any(k in cols for cols in entry["configs"].values())]
-        out.append(md_table(["phase", *[SHORT[c] for c in entry["configs"]]],
+        out.append(md_table(["phase", *[SHORT.get(c, c) for c in entry["configs"]]],
                             [[BREAKDOWN_ROWS[k], *[f"{cols[k]:.1f}" if k in cols else ""
                                                    for cols in entry["configs"].values()]] for k in keys]))
         out.append("\n")
@@ -225,7 +225,7 @@ def plot_step(summary: dict, plot_dir: Path, tag: str) -> list[Path]:
         left = [0.0] * len(rows)
         for key, color in (("forward_ms", "#9ecae1"), ("backward_ms", "#4292c6"), ("step_ms", "#e6550d")):
             vals = [r[key] for r in rows]
-            ax.barh([SHORT[n] for n in names], vals, left=left, color=color, label=key[:-3])
+            ax.barh([SHORT.get(n, n) for n in names], vals, left=left, color=color, label=key[:-3])
             left = [a + b for a, b in zip(left, vals)]
         for y, r in enumerate(rows):
             ax.plot([r["median_ms"]], [y], "k|", markersize=14)
@@ -267,7 +267,7 @@ def _plot_breakdown(summary: dict, path: Path, plt: Any) -> Path:
         left = [0.0] * len(names)
         for label, color, value in _SEGMENTS:
             vals = [max(0.0, value(entry["configs"][n])) for n in names]
-            ax.barh([SHORT[n] for n in names], vals, left=left, color=color, label=label)
+            ax.barh([SHORT.get(n, n) for n in names], vals, left=left, color=color, label=label)
             left = [a + b for a, b in zip(left, vals)]
         ax.invert_yaxis()
         ax.set_xlabel("ms (medians of each phase)")
@@ -288,7 +288,7 @@ def _plot_memory(summary: dict, path: Path, plt: Any) -> Path:
     fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6, 3.8), squeeze=False)
     ax0 = axes[0][0]
     held = [max(batches[0]["configs"][c]["held_bytes_per_rank"]) / MiB for c in names]
-    ax0.barh([SHORT[c] for c in names], held, color="#756bb1")
+    ax0.barh([SHORT.get(c, c) for c in names], held, color="#756bb1")
     ax0.axvline(8 * psi / n / MiB, color="k", ls="--", lw=1, label="8Ψ/N (moments, sharded)")
     ax0.invert_yaxis()
     ax0.set_xlabel("optimizer-held MiB per rank (masters + moments)")
@@ -300,7 +300,7 @@ def _plot_memory(summary: dict, path: Path, plt: Any) -> Path:
             peaks = [max(batch["configs"][c]["peak_rss_per_rank"]) / MiB for c in names]
             ax1.barh([y + i * width for y in range(len(names))], peaks, height=width,
                      label=f"batch {batch['batch']}")
-        ax1.set_yticks([y + width * (len(batches) - 1) / 2 for y in range(len(names))], [SHORT[c] for c in names])
+        ax1.set_yticks([y + width * (len(batches) - 1) / 2 for y in range(len(names))], [SHORT.get(c, c) for c in names])
         ax1.invert_yaxis()
         ax1.set_xlabel("peak RSS MiB per rank (own process per configuration)")
         ax1.legend(fontsize=8)

@@ -2,10 +2,18 @@
 
 Under ``mpirun`` nobody sets MASTER_ADDR/MASTER_PORT, so rank 0 picks them and broadcasts
 them to every rank with ``MPI.COMM_WORLD.bcast``. MPI itself carries no training traffic.
+
+[Note: MPI finalize after a failure]
+Once MPI is initialized, mpi4py calls ``MPI_Finalize`` at interpreter exit, and Open MPI's
+finalize waits for every rank: a rank that leaves with an error while a peer is stopped or
+stuck would wait there forever. So, as ``python -m mpi4py`` does, an exception that nobody
+caught ends the job with ``MPI_Abort`` after its traceback is printed; the MPI launcher
+then ends the other ranks too.
 """
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from launcher.errors import MPIUnavailableError
@@ -31,6 +39,21 @@ def _import_mpi() -> Any:
         raise MPIUnavailableError(f"mpi4py is installed but cannot load an MPI library: {_MPI_FIX}. "
                                   f"mpi4py said: {err}") from err
     return MPI
+
+
+def _abort_on_uncaught_exception(mpi: Any) -> None:
+    """See [Note: MPI finalize after a failure]."""
+    previous = sys.excepthook
+    if getattr(previous, "_sfa_mpi_abort", False):
+        return
+
+    def hook(kind, value, traceback) -> None:
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(1)
+
+    hook._sfa_mpi_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def free_port() -> int:
@@ -59,6 +82,7 @@ def broadcast_rendezvous(
         MPIUnavailableError: mpi4py or the MPI library is missing.
     """
     mpi = _import_mpi()
+    _abort_on_uncaught_exception(mpi)
     comm = mpi.COMM_WORLD
     chosen: tuple[str, int] | None = None
     if comm.Get_rank() == 0:

@@ -7,7 +7,8 @@ from .failures import CollectiveError
 from .local_adam import FusedAdam
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
 from .options import ShardingOptions
-from .sharded_checkpoint import CheckpointError, consolidate_sharded, load_sharded, save_sharded
+from .sharded_checkpoint import (CheckpointError, CheckpointFileMissing, CheckpointLockedError, consolidate_sharded,
+                                 load_sharded, save_sharded)
 from .precision import DynamicLossScaler, LossScaler, StaticLossScaler
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "load_sharded",
     "consolidate_sharded",
     "CheckpointError",
+    "CheckpointFileMissing",
+    "CheckpointLockedError",
     "CollectiveError",
     "__version__",
 ]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 import torch
 
 from .bucket import STATE_KEYS, Bucket
+from .checkpoint_files import CheckpointError, CheckpointFileMissing, ChecksumFile, crash_point, crc32_of, fsync_dir
 from .comm import CommPlan
 from .failures import CollectiveError, store_rendezvous
 from .shard_state import ShardState
@@ -36,6 +37,7 @@ __all__ = [
     "check_state_fits",
     "assemble_shard",
     "require_every_rank",
+    "StateDictCalls",
     "save_full",
     "load_full",
     "STATE_KEYS",
@@ -66,6 +68,36 @@ def require_every_rank(what: str, plan: CommPlan, call: int, timeout_s: float) -
             "`sd = opt.state_dict()` then `if rank == 0: torch.save(sd, path)`; or "
             "`opt.state_dict(rank0_only=True)` on every rank; or `opt.snapshot_state_dict()` on every "
             "rank first, after which one rank may call state_dict() alone.")
+
+
+class StateDictCalls:
+    """Makes every rank's n-th ``state_dict()`` meet the others' (bounded), and keeps a snapshot.
+
+    ``gathered`` returns the snapshot while it is current (its ``version`` is the optimizer's),
+    on any single rank and without communicating; otherwise it waits until every rank made
+    the same call, then gathers. A call that timed out is not counted, so the next call made
+    on every rank matches again.
+    """
+
+    def __init__(self, plan: CommPlan, timeout_s: float):
+        self._plan, self._timeout_s = plan, timeout_s
+        self._calls = 0
+        self._snapshot: Optional[tuple[int, dict]] = None
+
+    def gathered(self, version: int, rank0_only: bool, gather: Callable[[], dict]) -> dict:
+        if self._snapshot is not None and self._snapshot[0] == version:
+            return {} if rank0_only and self._plan.rank != 0 else self._snapshot[1]
+        self._calls += 1
+        try:
+            require_every_rank("state_dict()", self._plan, self._calls, self._timeout_s)
+        except CollectiveError:
+            self._calls -= 1
+            raise
+        return gather()
+
+    def snapshot(self, version: int, gather: Callable[[], dict]) -> None:
+        self._snapshot = None
+        self._snapshot = (version, self.gathered(version, False, gather))
 
 
 def saved_groups(shards: ShardState) -> list[dict]:
@@ -223,37 +255,80 @@ def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
         shards.loss_scaler.load_state_dict(extra["loss_scaler"])
 
 
+def _state_crcs(state: dict) -> dict:
+    """CRC-32 of every state tensor's bytes, ``{param index: {key: crc}}`` (``step`` included)."""
+    return {i: {k: crc32_of(v) for k, v in entry.items()} for i, entry in state["state"].items()}
+
+
 def save_full(opt: HasShardState, path: Union[str, os.PathLike]) -> None:
     """Gather the state dict to rank 0 and write it with ``torch.save``, atomically; a collective.
 
     The file is written under a temporary name, flushed to disk and renamed over ``path``,
-    so a save killed midway leaves the previous file intact.
+    so a save killed midway leaves the previous file intact (its steps are
+    ``checkpoint_files.SAVE_FULL_STEPS``; the temporary files of killed saves are removed
+    by the next one). ``state["sharded_fused_adam"]["crc32"]`` holds the CRC-32 of every
+    state tensor, which ``load_full`` checks; torch ignores it.
     """
     shards = opt.shard_state()
     state = gather_state_dict(shards, rank0_only=True, offload_to_cpu=True)
     if shards.rank == 0:
+        crash_point("gathered", 0)
         path = Path(path)
+        state["sharded_fused_adam"]["crc32"] = _state_crcs(state)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # debris of killed saves
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with ChecksumFile(tmp, partial_step=("tmp_partial", 0)) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        crash_point("tmp_written", 0)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+        crash_point("replaced", 0)
     shards.plan.barrier(shards.device, "barrier after save_full")
 
 
-def load_full(opt: Any, path: Union[str, os.PathLike]) -> None:
+def _verify_crcs(path: Path, state: dict) -> None:
+    saved = state.get("sharded_fused_adam", {}).get("crc32")
+    if saved is None:
+        return  # written by torch or an older version: nothing to check against
+    entries = state.get("state", {})
+    if set(saved) != set(entries):
+        raise CheckpointError(f"{path}: field 'state' holds params {sorted(entries)}, but the checksums were "
+                              f"written for params {sorted(saved)}")
+    for i, crcs in saved.items():
+        for key, crc in crcs.items():
+            value = entries[i].get(key)
+            if not isinstance(value, torch.Tensor) or crc32_of(value) != crc:
+                raise CheckpointError(f"{path} is corrupt: field state[{i}][{key!r}] does not match its CRC-32")
+
+
+def load_full(opt: Any, path: Union[str, os.PathLike], *, verify: bool = True) -> None:
     """Load a file written by ``save_full`` or ``torch.save(torch_optimizer.state_dict())``.
 
+    Args:
+        opt: the optimizer to load into (ours, or any ``torch.optim`` optimizer).
+        path: the file.
+        verify: check the per-tensor CRC-32s that ``save_full`` wrote.
+
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a loadable state dict or does not fit this optimizer.
+        CheckpointFileMissing: ``path`` does not exist (a FileNotFoundError).
+        CheckpointError: the file is unreadable, corrupt, or does not fit this optimizer
+            (a ValueError; nothing changed).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no optimizer checkpoint at {path}")
+        raise CheckpointFileMissing(f"no optimizer checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable optimizer checkpoint (truncated or corrupt?): {exc}") from exc
-    opt.load_state_dict(state)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, pickle errors...
+        raise CheckpointError(f"{path} is not a readable optimizer checkpoint (truncated or corrupt?): {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not an optimizer state dict")
+    if verify:
+        _verify_crcs(path, state)
+    try:
+        opt.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc

@@ -8,12 +8,18 @@ backend, so we chose by measurement (``benchmarks/comm_bench.py`` reproduces it)
 * NCCL / HCCL: ``reduce_scatter_tensor`` + in-place ``all_gather_into_tensor`` on buffers
   padded to a multiple of the world size (HCCL requires the exact multiple). Same bytes on
   the wire as DDP's all-reduce.
-* gloo (2 ranks, 16.8M fp32, one thread each, this machine): ``all_reduce`` 75 ms vs
-  ``reduce_scatter_tensor`` 102 ms, and one ``broadcast`` per owner 22 ms vs
-  ``all_gather_into_tensor`` 80 ms. So on gloo the gradient is all-reduced and each rank
-  keeps its slice, and each owner broadcasts its shard.
+* gloo: its ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` are slower than an
+  ``all_reduce`` of the whole buffer, but its point-to-point messages are fast. So gloo gets
+  ``SendRecv`` (see [Note: send/recv exchange]): the same two halves built from ``isend`` /
+  ``irecv``, at DDP's volume. Medians on this 2-core machine, 16.8M fp32, one thread per rank,
+  interleaved: 2 ranks: ``SendRecv`` reduce 24.0 + gather 16.5 = 40.5 ms, against
+  ``all_reduce`` 46.6 + one ``broadcast`` per owner 20.2 = 66.7 ms (``AllReduceBroadcast``,
+  the previous gloo choice: 1.5x DDP's bytes) and ``reduce_scatter_tensor`` 86.8 +
+  ``all_gather_into_tensor`` 76.1 = 162.9 ms; DDP's ``all_reduce`` alone is 46.6 ms.
+  3 ranks: 49.0 + 32.5 = 81.5 ms against 80.8 + 35.0 = 115.8 ms and 153.7 + 114.3 = 268.0 ms.
 
-``comm="auto"`` picks by backend; ``"scatter_gather"`` and ``"allreduce_broadcast"`` force one.
+``comm="auto"`` picks by backend; ``"scatter_gather"``, ``"allreduce_broadcast"`` and
+``"send_recv"`` force one.
 All reductions are SUMs: the optimizer divides by the world size on its own shard, which is
 exact for power-of-two world sizes and sidesteps HCCL's emulated AVG (SUM then divide).
 """
@@ -34,6 +40,7 @@ __all__ = [
     "CommPlan",
     "ScatterGather",
     "AllReduceBroadcast",
+    "SendRecv",
     "CommCounter",
     "choose_comm_plan",
     "COMM_PLANS",
@@ -50,14 +57,16 @@ class Pending:
     collective and the ranks that never joined it (see [Note: naming the missing rank]).
     """
 
-    __slots__ = ("_works", "_result", "_plan", "_what", "_seq", "_started")
+    __slots__ = ("_works", "_result", "_plan", "_what", "_seq", "_started", "_then")
 
     def __init__(self, works: Sequence[dist.Work], result: torch.Tensor | None,
-                 plan: "CommPlan | None" = None, what: str = "", seq: int = 0):
+                 plan: "CommPlan | None" = None, what: str = "", seq: int = 0,
+                 then: Optional[Callable[[], None]] = None):
         self._works = list(works)
         self._result = result
         self._plan, self._what, self._seq = plan, what, seq
         self._started = time.monotonic()
+        self._then = then  # local work that turns the finished transfers into the result
 
     def wait(self) -> torch.Tensor | None:
         try:
@@ -70,8 +79,11 @@ class Pending:
             plan = self._plan
             timeout_s = plan.timeout.total_seconds() if plan.timeout is not None else None
             raise collective_error(self._what, self._seq, plan.rank, plan.world_size, timeout_s,
-                                   self._started, exc) from exc
+                                   self._started, exc, plan.group) from exc
         self._works = []
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
         return self._result
 
 
@@ -122,16 +134,18 @@ class CommPlan:
     def _src(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, group_rank)
 
-    def _issue(self, what: str, launch: Callable[[], Sequence[dist.Work]], result: torch.Tensor | None) -> Pending:
-        """Start one logical collective (one or more works) under a sequence number."""
+    def _issue(self, what: str, launch: Callable[[], Sequence[dist.Work]], result: torch.Tensor | None,
+               then: Optional[Callable[[], None]] = None) -> Pending:
+        """Start one logical collective (one or more works) under a sequence number; ``then``
+        runs once after they all finished, inside ``wait()``."""
         self.counter.issued += 1
         seq, started = self.counter.issued, time.monotonic()
         try:
             works = launch()
         except RuntimeError as exc:
             timeout_s = self.timeout.total_seconds() if self.timeout is not None else None
-            raise collective_error(what, seq, self.rank, self.world_size, timeout_s, started, exc) from exc
-        return Pending(works, result, self, what, seq)
+            raise collective_error(what, seq, self.rank, self.world_size, timeout_s, started, exc, self.group) from exc
+        return Pending(works, result, self, what, seq, then)
 
     # Small blocking collectives for per-step scalars and coordination (no-ops on one rank).
     def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
@@ -248,8 +262,89 @@ class AllReduceBroadcast(CommPlan):
         return self._issue(f"broadcasts of {what} ({_mb(flat)})", launch, None)
 
 
-_PLANS = {cls.name: cls for cls in (ScatterGather, AllReduceBroadcast)}
-COMM_PLANS = ("auto", "scatter_gather", "allreduce_broadcast")
+@dataclass(frozen=True)
+class SendRecv(CommPlan):
+    """Reduce-scatter and all-gather as direct ``isend``/``irecv`` exchanges (gloo).
+
+    [Note: send/recv exchange]
+    gloo moves point-to-point messages at close to memory speed, while its
+    ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` are slower than an
+    ``all_reduce`` of the whole buffer. So: for the reduction each rank sends chunk ``c`` of
+    the padded buffer to its owner ``c`` and receives its own chunk from every peer, then
+    sums the contributions into its own chunk of the buffer in group-rank order
+    (deterministic, and for two ranks bitwise what any all-reduce gives); for the gather each
+    rank sends its shard to every peer and receives theirs in place. Per rank that is
+    ``(N-1)/N`` of the buffer out and in for each half: DDP's all-reduce volume for the pair.
+    Every message is posted when the collective starts, so nothing waits for Python until
+    ``wait()``. The chunks received for a reduction need ``N-1`` shard-sized buffers while it
+    is in flight; they are pooled (``receive_buffer_bytes``), because a fresh one per
+    reduction costs page faults: on 2 ranks here a 16.8M fp32 reduction took 41 ms of CPU
+    with fresh buffers against 23 ms pooled. Messages carry the collective's sequence number
+    as their tag (the same on every rank), so any number of them in flight, and a user's
+    own ``send``/``recv`` on tag 0, never cross.
+    """
+
+    _free: dict = field(default_factory=dict, repr=False, compare=False)  # (numel, dtype) -> buffers
+    name = "send_recv"
+
+    def _tag(self) -> int:
+        return self.counter.issued % 2**31  # inside ``launch``: this collective's sequence number
+
+    def _take(self, like: torch.Tensor) -> torch.Tensor:
+        free = self._free.get((like.numel(), like.dtype, like.device))
+        return free.pop() if free else torch.empty_like(like)
+
+    def _give(self, buffers: Sequence[torch.Tensor]) -> None:
+        for buf in buffers:
+            self._free.setdefault((buf.numel(), buf.dtype, buf.device), []).append(buf)
+
+    def receive_buffer_bytes(self) -> int:
+        """Bytes held in pooled receive buffers."""
+        return sum(b.numel() * b.element_size() for bufs in self._free.values() for b in bufs)
+
+    def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
+        self.counter.add("reduce_scatter", flat)
+        shard_numel, rank, world_size = flat.numel() // self.world_size, self.rank, self.world_size
+        own = flat.narrow(0, rank * shard_numel, shard_numel)
+        peers = [r for r in range(world_size) if r != rank]
+        received = [self._take(own) for _ in peers]
+        contributions = list(received)  # contributions[r]: rank r's values of this rank's chunk
+        contributions.insert(rank, own)
+
+        def launch() -> list[dist.Work]:
+            tag, group = self._tag(), self.group
+            works = [dist.irecv(contributions[r], src=self._src(r), group=group, tag=tag) for r in peers]
+            works += [dist.isend(flat.narrow(0, r * shard_numel, shard_numel), dst=self._src(r), group=group,
+                                 tag=tag) for r in peers]
+            return works
+
+        def add_up() -> None:
+            # ((c0 + c1) + c2) + ...: ``own`` is only overwritten by the last add unless it is c0.
+            acc = contributions[0]
+            for r in range(1, world_size - 1):
+                acc.add_(contributions[r])
+            torch.add(acc, contributions[-1], out=own)
+            self._give(received)
+
+        return self._issue(f"send/recv reduce-scatter of {what} ({_mb(flat)})", launch, own, add_up)
+
+    def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
+        self.counter.add("all_gather", flat)
+        shard_numel, rank = flat.numel() // self.world_size, self.rank
+        peers = [r for r in range(self.world_size) if r != rank]
+
+        def launch() -> list[dist.Work]:
+            tag, group, own = self._tag(), self.group, self.own_shard(flat)
+            works = [dist.irecv(flat.narrow(0, r * shard_numel, shard_numel), src=self._src(r), group=group,
+                                tag=tag) for r in peers]
+            works += [dist.isend(own, dst=self._src(r), group=group, tag=tag) for r in peers]
+            return works
+
+        return self._issue(f"send/recv all-gather of {what} ({_mb(flat)})", launch, None)
+
+
+_PLANS = {cls.name: cls for cls in (ScatterGather, AllReduceBroadcast, SendRecv)}
+COMM_PLANS = ("auto", "scatter_gather", "allreduce_broadcast", "send_recv")
 
 
 def _backend_for(group: ProcessGroup, device: torch.device) -> str:
@@ -286,5 +381,5 @@ def choose_comm_plan(
         return CommPlan(group, rank, world_size, counter, timeout)
     name = requested
     if name == "auto":
-        name = "allreduce_broadcast" if _backend_for(group, device) == "gloo" else "scatter_gather"
+        name = "send_recv" if _backend_for(group, device) == "gloo" else "scatter_gather"
     return _PLANS[name](group, rank, world_size, counter, timeout)

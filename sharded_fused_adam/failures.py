@@ -10,16 +10,28 @@ in the rendezvous store (the one torch.distributed was initialized with, which o
 crashed worker under torchrun and our harness) and gives the others a few seconds to do
 the same; the ranks whose key never appears are the ones named as missing. Nothing is
 written to the store while training runs normally.
+
+[Note: abandoning a failed group]
+After a collective failed, gloo's worker threads may still be blocked inside it (waiting
+for bytes from a stopped peer, or from a survivor that gave up) until the process group's
+own timeout, 30 minutes by default. The group's destructor joins those threads, and it
+runs in ``destroy_process_group`` or at interpreter exit: the survivors never left. So
+the error path abandons the group: it takes one extra reference to it that is never
+released, so no destructor (and no join) ever runs; ``destroy_process_group`` and exit
+then return at once and the blocked threads die with the process. The group is unusable
+afterwards anyway; a job that wants to go on must create a new one. (``abort()`` does not
+wake gloo's blocked threads in torch 2.13: measured.)
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["CollectiveError", "missing_ranks", "store_rendezvous", "PROBE_SECONDS"]
+__all__ = ["CollectiveError", "missing_ranks", "store_rendezvous", "abandon_group", "PROBE_SECONDS"]
 
 PROBE_SECONDS = 5.0
 
@@ -53,9 +65,25 @@ def missing_ranks(seq: int, rank: int, world_size: int, probe_s: float = PROBE_S
         return None
 
 
+_abandoned: set[int] = set()
+
+
+def abandon_group(group: Optional[dist.ProcessGroup]) -> None:
+    """Make sure ``group`` (None: the default group) is never destroyed (see [Note: abandoning a failed group])."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    except (RuntimeError, ValueError):  # already destroyed: nothing left to join
+        return
+    if id(pg) not in _abandoned:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))  # never released: the object (and id) stay valid
+        _abandoned.add(id(pg))
+
+
 def collective_error(what: str, seq: int, rank: int, world_size: int, timeout_s: Optional[float],
-                     started: float, cause: BaseException) -> CollectiveError:
-    """Build the error for collective ``seq`` (``what``) that failed on ``rank``."""
+                     started: float, cause: BaseException,
+                     group: Optional[dist.ProcessGroup] = None) -> CollectiveError:
+    """Build the error for collective ``seq`` (``what``) that failed on ``rank`` of ``group``; abandons the group."""
+    abandon_group(group)
     elapsed = time.monotonic() - started
     missing = missing_ranks(seq, rank, world_size)
     if missing is None:

@@ -17,15 +17,15 @@ import torch
 import torch.distributed as dist
 
 from .bucket import Bucket, pack_buckets
-from .checkpoint import apply_state_dict, gather_state_dict, require_every_rank
+from .checkpoint import StateDictCalls, apply_state_dict, gather_state_dict
 from .clip import OWNER_ATTR
 from .comm import CommCounter, choose_comm_plan
-from .failures import CollectiveError
 from .flat_buffer import check_unmoved
 from .grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
 from .memory import MemoryReport, memory_report
 from .options import ShardingOptions
+from .param_gather import ParamGather
 from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
                         report_to_grad_scaler)
 from .reducer import GradReducer
@@ -59,11 +59,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         amsgrad: use the AMSGrad variant.
         adamw: decoupled weight decay (``torch.optim.AdamW``); per group as
             ``decoupled_weight_decay``.
-        maximize, decoupled_weight_decay, foreach, fused, capturable, differentiable: the rest of
-            ``torch.optim.Adam``'s keywords. ``maximize`` ascends the gradient;
-            ``decoupled_weight_decay`` is torch's name for ``adamw``; this optimizer is always
-            fused, so ``foreach=True`` / ``fused=False`` warn (see [Note: torch's implementation
-            flags] in validation.py); ``capturable`` and ``differentiable`` raise.
+        maximize: ascend the gradient instead of descending, as torch.optim.Adam's.
+        decoupled_weight_decay: torch.optim.Adam's name for ``adamw`` (either turns it on).
+        foreach: always fused here, so ``True`` warns (see [Note: torch's implementation
+            flags] in validation.py).
+        fused: ``None``/``True`` is what this optimizer does; ``False`` warns.
+        capturable: ``True`` (CUDA-graph capture of ``step()``) raises NotImplementedError.
+        differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
         **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
             collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
@@ -100,6 +102,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._buckets: list[Bucket] = []
         self._idle: list[torch.Tensor] = []
         self._grads: Optional[Union[GradReducer, ReplicatedGrads]] = None
+        self._param_gather: Optional[ParamGather] = None
         super().__init__(params, defaults)
         if not self._registry:
             raise ValueError("params is empty: every param group has an empty 'params' list")
@@ -110,14 +113,12 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._options = ShardingOptions.from_kwargs({**options, "process_group": None})  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
+        self._state_dict_calls = StateDictCalls(self._plan, opts.state_dict_timeout)
         self.max_grad_norm = opts.max_grad_norm
         self._loss_scaler = make_loss_scaler(opts.loss_scale)
         self._stats: dict[float, GradStats] = {}
         self._pending_clips: list[tuple[float, float]] = []
         self._warned: set[str] = set()
-        self._num_skipped = 0
-        self._state_dict_calls = 0
-        self._snapshot: Optional[tuple[int, dict]] = None
         self._version = 0  # bumps whenever the state changes (step, load): invalidates a snapshot
         self.overflow = False
         self._global_grad_norm: Optional[float] = None
@@ -129,6 +130,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
         self._grads = self._make_gradient_strategy(self._buckets)
+        self._param_gather = ParamGather(self._plan, [b.params for b in self._buckets],
+                                         overlap=opts.overlap_param_gather)
         self._idle = self._find_idle()
 
     def _make_gradient_strategy(self, buckets: list[Bucket]) -> Union[GradReducer, ReplicatedGrads]:
@@ -188,6 +191,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _add_buckets(self, buckets: list[Bucket]) -> None:
         self._own([p for b in buckets for p in b.params])
         self._buckets.extend(buckets)
+        self._param_gather.add_buckets([b.params for b in buckets])
         if isinstance(self._grads, GradReducer):
             watch([p for b in buckets for p in b.params], self._watch)
         self._grads.add_buckets(buckets)
@@ -238,14 +242,15 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_for_gathers()
         loss_scale = self._loss_scale_for_step(grad_scaler)
         self._reduce()                                            # 1. reduce
         stats = self._grad_stats(2.0)                             # 2. statistics
         self._record_verdict(stats, loss_scale, grad_scaler)
         if not stats.found_inf:
             multiplier = self._clip_coefficient(loss_scale) / loss_scale
-            self._update_shards(stats.has_grad, multiplier)       # 3. update own shards
-            self._gather_params(stats.has_grad)                   # 4. gather into the params
+            self._update_shards(stats.has_grad, multiplier)       # 3. update own shards, start gathers
+            self._gather_params()                                 # 4. gathers into the params end
         self._grads.end_step()
         self._pending_clips, self._stats = [], {}
         self._version += 1
@@ -276,14 +281,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if grad_scaler is not None:
             report_to_grad_scaler(grad_scaler, id(self), stats.found_inf)
             return
-        self._loss_scaler.update(stats.found_inf)
-        if stats.found_inf and type(self._loss_scaler) is LossScaler:
-            self._num_skipped += 1
-            if self._num_skipped in (1, 10) or self._num_skipped % 100 == 0:  # rate-limited
-                warnings.warn(f"step() skipped: a gradient on some rank is inf or NaN ({self._num_skipped} "
-                              "step(s) skipped so far, step counts did not advance). Without a loss scaler "
-                              "nothing lowers the scale: check the loss/learning rate, or use "
-                              "loss_scale='dynamic' or torch.amp.GradScaler for fp16.", RuntimeWarning, stacklevel=3)
+        self._loss_scaler.update(stats.found_inf)  # a static scale warns about skipped steps
 
     def _grad_stats(self, norm_type: float) -> GradStats:
         """The global gradient facts (overflow, norm, which params have a gradient): a collective, cached."""
@@ -321,7 +319,10 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                 "it no longer trains them."))
         if multiplier != 1.0:
             self._grads.scale_(multiplier)
-        for bucket, mask in self._bucket_masks(has_grad):
+        masks = [mask for _, mask in self._bucket_masks(has_grad)]
+        wanted = self._param_gather.gather_order([b for b, mask in enumerate(masks) if any(mask)])
+        for b in wanted + [b for b in range(len(masks)) if b not in set(wanted)]:
+            bucket, mask = self._buckets[b], masks[b]
             if self.param_groups[bucket.group_index]["amsgrad"]:
                 bucket.ensure_amsgrad_buffer()  # on every rank, even one whose shard is all padding
             segments = bucket.segments_to_update(mask)
@@ -329,6 +330,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                 self._run_kernel(bucket, segments)
             bucket.advance_steps(mask)
             bucket.publish_master()
+            if any(mask):  # pipelined: this bucket's gather overlaps the next buckets' updates
+                self._param_gather.start(b, bucket.buffer.flat)
 
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
         group = self.param_groups[bucket.group_index]
@@ -343,11 +346,16 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
         )
 
-    def _gather_params(self, has_grad: tuple[bool, ...]) -> None:
-        pending = [self._plan.gather(bucket.buffer.flat, f"params of bucket {b}")
-                   for b, (bucket, mask) in enumerate(self._bucket_masks(has_grad)) if any(mask)]
-        for p in pending:
-            p.wait()
+    def _gather_params(self) -> None:
+        self._param_gather.release()  # waits here for the gathers unless overlap_param_gather
+
+    def wait_for_gathers(self) -> None:
+        """Finish the param gathers the last ``step()`` left in flight (``overlap_param_gather``).
+
+        Not a collective. Reads in this thread wait on their own; call it before reading
+        params from another thread or handing them to code that bypasses torch functions.
+        """
+        self._param_gather.wait_all()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -438,21 +446,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         Raises:
             CollectiveError: not every rank called it within ``state_dict_timeout`` seconds.
         """
-        if self._snapshot is not None and self._snapshot[0] == self._version:
-            return {} if rank0_only and self.rank != 0 else self._snapshot[1]
-        self._state_dict_calls += 1
-        try:
-            require_every_rank("state_dict()", self._plan, self._state_dict_calls, self._options.state_dict_timeout)
-        except CollectiveError:
-            self._state_dict_calls -= 1  # a later call on every rank matches again
-            raise
-        return gather_state_dict(self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu)
+        return self._state_dict_calls.gathered(self._version, rank0_only, lambda: gather_state_dict(
+            self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu))
 
     def snapshot_state_dict(self) -> None:
         """Gather the state dict on every rank (a collective) and keep it until the next step or load."""
-        self._snapshot = None
-        state = self.state_dict()
-        self._snapshot = (self._version, state)
+        self._state_dict_calls.snapshot(self._version, lambda: gather_state_dict(
+            self._view(), rank0_only=False, offload_to_cpu=True))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
@@ -474,6 +474,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         return self._view()
 
     def _view(self) -> ShardState:
+        self.wait_for_gathers()
         return ShardState(tuple(self._buckets), self.param_groups, self._plan, self._loss_scaler,
                           self._kernel.name, self.device)
 
@@ -484,6 +485,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def refresh_masters(self) -> None:
         """Copy fp16/bf16 params into their fp32 masters after editing params in place."""
+        self.wait_for_gathers()
         for bucket in self._buckets:
             if bucket.is_low_precision:
                 bucket.master.copy_(bucket.buffer.shard(self.rank))

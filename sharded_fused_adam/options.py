@@ -37,7 +37,8 @@ class ShardingOptions:
         overlap: start each bucket's reduction during backward as soon as it is complete.
         reduce_dtype: dtype in which fp16/bf16 gradients are summed across ranks (fp32 by
             default: a bf16 sum loses bits at every hop; pass the param dtype to halve traffic).
-        comm: ``"auto"``, ``"scatter_gather"`` or ``"allreduce_broadcast"`` (see comm.py).
+        comm: ``"auto"``, ``"scatter_gather"``, ``"allreduce_broadcast"`` or ``"send_recv"``
+            (see comm.py).
         max_grad_norm: clip the global 2-norm of the averaged gradients inside ``step()``.
         loss_scale: ``None``, a static scale, ``"dynamic"`` or a ``LossScaler``; applied by
             ``backward(loss)`` and removed inside ``step()``.
@@ -48,6 +49,10 @@ class ShardingOptions:
         broadcast_params: copy rank 0's params to every rank at construction, as DDP does.
         state_dict_timeout: seconds ``state_dict()`` waits for every rank to call it before
             raising (it is a collective; see ``snapshot_state_dict``).
+        overlap_param_gather: ``step()`` returns with the param gathers in flight and the first
+            read of each bucket's params waits for that bucket (param_gather.py); a failed
+            gather then raises its ``CollectiveError`` there. Off by default: on gloo with 2
+            ranks on 2 cores it measured slower (docs/benchmarks.md).
 
     Raises:
         ValueError: a value out of range or not one of the listed choices.
@@ -67,6 +72,7 @@ class ShardingOptions:
     reduce_gradients: Optional[bool] = None
     broadcast_params: bool = True
     state_dict_timeout: float = 60.0
+    overlap_param_gather: bool = False
 
     def __post_init__(self) -> None:
         if self.grads not in GRADIENT_MODES:
@@ -85,7 +91,7 @@ class ShardingOptions:
             raise ValueError(f"reduce_dtype must be torch.float32, bfloat16 or float16, got {self.reduce_dtype}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        for name in ("overlap", "broadcast_params"):
+        for name in ("overlap", "broadcast_params", "overlap_param_gather"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.reduce_gradients not in (None, True, False):

@@ -12,6 +12,7 @@ matches ``torch.optim.Adam(fused=True)``'s in-kernel division bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -78,15 +79,28 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
 
 
 class LossScaler:
-    """A loss scale and its reaction to overflow. This base is a static scale."""
+    """A loss scale and its reaction to overflow. This base is a static scale (1: none).
+
+    A static scale cannot adapt, so every step skipped for a non-finite gradient would repeat
+    in silence: it warns at the 1st, 10th and every 100th skipped step.
+    """
 
     def __init__(self, scale: float = 1.0):
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"loss scale must be a positive finite number, got {scale}")
         self.scale = float(scale)
+        self.num_skipped = 0
 
     def update(self, found_inf: bool) -> None:
         """Adjust after a step that did (``found_inf``) or did not overflow."""
+        if not found_inf:
+            return
+        self.num_skipped += 1
+        if self.num_skipped in (1, 10) or self.num_skipped % 100 == 0:
+            warnings.warn(f"step() skipped: a gradient on some rank is inf or NaN ({self.num_skipped} step(s) "
+                          "skipped so far, step counts did not advance). A static loss scale never adapts: "
+                          "check the loss and learning rate, or use loss_scale='dynamic' or "
+                          "torch.amp.GradScaler for fp16.", RuntimeWarning, stacklevel=5)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale}

@@ -50,7 +50,9 @@ def find_ddp(params: Sequence[torch.Tensor]) -> bool:
         return False
     ours = {id(p) for p in params}
     for obj in gc.get_objects():
-        if isinstance(obj, ddp_type) and any(id(p) in ours for p in obj.module.parameters()):
+        # type(), not isinstance(): gc also holds dead weak proxies (torch.compile keeps some),
+        # on which isinstance() raises ReferenceError.
+        if issubclass(type(obj), ddp_type) and any(id(p) in ours for p in obj.module.parameters()):
             return True
     return False
 

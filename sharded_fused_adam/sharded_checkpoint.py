@@ -1,29 +1,33 @@
 """Sharded checkpoints: each rank writes only its shards; any world size reads only the bytes it needs.
 
 [Note: sharded checkpoint format]
-A checkpoint directory holds versions and a pointer::
+A checkpoint directory holds committed versions, a pointer and a lock::
 
-    path/LATEST                 "v00000007": the last complete version (replaced atomically)
-    path/v00000007/metadata.json   world size, each param's shape and step, the rank files
+    path/LOCK                      the job that owns the directory (see [Note: checkpoint directory lock])
+    path/LATEST                    "v00000007": the newest committed version (replaced atomically)
+    path/v00000007/metadata.json   world size, each param's shape and step, size and CRC-32 of every file
     path/v00000007/common.pt       param groups and loss-scaler state (torch.save, weights only)
-    path/v00000007/rankNNNNN.bin   that rank's state shards, raw little-endian bytes
-    path/v00000007/rankNNNNN.json  where each param piece lies in rankNNNNN.bin:
+    path/v00000007/rankNNNNN.bin   that rank's state shards, raw little-endian bytes, in chunks
+    path/v00000007/rankNNNNN.json  the chunks ([byte offset, nbytes, crc32]), the steps of the
+                                   params it holds, and where each param piece lies:
                                    [param index, key, dtype, param start, param end, byte offset]
 
-Saving writes ``vK.tmp/``, waits for every rank, then rank 0 renames it to ``vK`` and
-atomically replaces ``LATEST``: a save killed at any point leaves ``LATEST`` naming the
-previous complete version (stale ``*.tmp`` folders are removed by the next save). Loading
-reads ``LATEST``, checks every file against the metadata, maps this rank's fragments (at
-the current world size) onto the saved pieces and reads just those byte ranges. All ranks
-must see the same filesystem. We do not use torch.distributed.checkpoint: our shards are
-uneven 1-D ranges of flattened params, which DTensor placements cannot express.
+A save takes the lock, clears debris, writes ``vK.tmp/`` on every rank, waits for all of
+them, then rank 0 writes the metadata and renames the folder to ``vK`` (the commit: see
+[Note: checkpoint commit point]) before updating ``LATEST`` and pruning old versions; the
+steps are ``checkpoint_files.SAVE_STEPS``. A load opens the newest committed version,
+checks every file against the metadata and the model (see [Note: sharded checkpoint
+integrity]), maps this rank's fragments (at the current world size) onto the saved pieces
+and reads just those byte ranges. All ranks must see the same filesystem. We do not use
+torch.distributed.checkpoint: our shards are uneven 1-D ranges of flattened params, which
+DTensor placements cannot express.
 """
 from __future__ import annotations
 
-import ctypes
-import json
+import copy
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -32,38 +36,17 @@ import torch
 from .bucket import STATE_KEYS
 from .checkpoint import (FORMAT_VERSION, HasShardState, assemble_shard, check_state_fits, merged_groups,
                          saved_groups)
+from .checkpoint_files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, crash_point,
+                               fsync_dir, recover, version_name, write_atomic)
+from .checkpoint_lock import CheckpointLockedError, acquire
+from .checkpoint_reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .shard_state import ShardState
 
-__all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointReader"]
+__all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointFileMissing",
+           "CheckpointLockedError", "CheckpointReader", "SAVE_STEPS"]
 
 PathLike = Union[str, os.PathLike]
-_FORMAT = "sharded_fused_adam/sharded"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt or belongs to a different model."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _latest_version(path: Path) -> int:
-    pointer = path / "LATEST"
-    return int(pointer.read_text().strip()[1:]) if pointer.exists() else 0
+_LOCKED = -1  # broadcast instead of a version number when rank 0 could not take the lock
 
 
 @torch.no_grad()
@@ -73,125 +56,114 @@ def save_sharded(opt: HasShardState, path: PathLike, *, keep_last: int = 1) -> P
     Args:
         opt: the optimizer to save.
         path: the checkpoint directory (on a filesystem every rank sees).
-        keep_last: complete versions to keep, the new one included (>= 1).
+        keep_last: committed versions to keep, the new one included (>= 1).
 
     Returns:
         The directory of the new version.
+
+    Raises:
+        CheckpointLockedError: another job owns ``path`` (on every rank; nothing is written).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = Path(path)
     shards = opt.shard_state()
-    if shards.rank == 0:
+    rank = shards.rank
+    version, locked = 0, None
+    if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("v*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    version_t = torch.tensor([_latest_version(path) + 1 if shards.rank == 0 else 0], device=shards.device)
+        try:
+            acquire(path)
+            crash_point("locked", rank)
+            version = recover(path)
+            crash_point("recovered", rank)
+        except (CheckpointError, OSError) as exc:  # the other ranks must not wait for a version forever
+            version, locked = _LOCKED, exc
+    version_t = torch.tensor([version], dtype=torch.int64, device=shards.device)
     version = int(shards.plan.broadcast_(version_t, what="broadcast of the checkpoint version").item())
-    tmp = path / f"v{version:08d}.tmp"
+    if version == _LOCKED:
+        raise locked or CheckpointLockedError(f"checkpoint directory {path} is locked by another job or could not "
+                                              "be prepared (rank 0's error names the owner); nothing was written")
+    tmp = path / f"{version_name(version)}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    crash_point("tmp_created", rank)
     _write_rank_files(shards, tmp)
+    crash_point("rank_files_written", rank)
     shards.plan.barrier(shards.device, "barrier after writing the shard files")
-    final = path / f"v{version:08d}"
-    if shards.rank == 0:
-        _write_common(shards, tmp)
-        os.replace(tmp, final)
-        _fsync_dir(path)
-        _write_atomic(path / "LATEST", final.name.encode())
-        _fsync_dir(path)
-        versions = sorted(p for p in path.glob("v*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in versions[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    crash_point("all_ranks_written", rank)
+    final = path / version_name(version)
+    if rank == 0:
+        _commit(shards, path, tmp, final, keep_last)
     shards.plan.barrier(shards.device, "barrier after committing the checkpoint")
     return final
 
 
+def _commit(shards: ShardState, path: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0: metadata, the commit rename, LATEST, pruning (see [Note: checkpoint commit point])."""
+    common = _write_common(shards, tmp)
+    crash_point("common_written", 0)
+    _write_metadata(shards, tmp, common)
+    fsync_dir(tmp)
+    crash_point("metadata_written", 0)
+    os.replace(tmp, final)
+    fsync_dir(path)
+    crash_point("committed", 0)
+    write_atomic(path / "LATEST", final.name.encode())
+    fsync_dir(path)
+    crash_point("latest_written", 0)
+    versions = sorted(p for p in path.glob("v*") if p.is_dir() and p.name[1:].isdigit())
+    for old in versions[:-keep_last]:
+        doomed = old.with_name(old.name + ".del")  # renamed first: a half-deleted folder is never "committed"
+        os.replace(old, doomed)
+        crash_point("prune_partial", 0)
+        shutil.rmtree(doomed, ignore_errors=True)
+    crash_point("pruned", 0)
+
+
 def _write_rank_files(shards: ShardState, folder: Path) -> None:
-    pieces, offset = [], 0
+    pieces, chunks, steps = [], [], {}
     name = f"rank{shards.rank:05d}"
-    with open(folder / f"{name}.bin", "wb") as f:
-        for bucket in shards.buckets:
+    with ChecksumFile(folder / f"{name}.bin") as f:
+        for b, bucket in enumerate(shards.buckets):
+            for slot, s in enumerate(bucket.layout.slots):
+                steps[s.index] = bucket.steps[slot]
             for key, shard in bucket.state_shards().items():
                 data = shard.detach().to("cpu").contiguous()
-                nbytes = data.numel() * data.element_size()
-                f.write(ctypes.string_at(data.data_ptr(), nbytes))
+                offset = f.nbytes
+                nbytes, crc = f.write_tensor(data)
+                chunks.append([offset, nbytes, crc])
                 for frag in bucket.fragments:
                     pieces.append([frag.index, key, str(data.dtype).removeprefix("torch."),
                                    frag.param_start, frag.param_end,
                                    offset + frag.shard_offset * data.element_size()])
-                offset += nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    _write_atomic(folder / f"{name}.json", json.dumps({"nbytes": offset, "pieces": pieces}).encode())
+                if b == 0 and key == "exp_avg":
+                    f.flush()
+                    crash_point("rank_file_partial", shards.rank)
+    index = {"format": SHARDED_FORMAT, "rank": shards.rank, "world_size": shards.world_size, "nbytes": f.nbytes,
+             "chunks": chunks, "pieces": pieces, "steps": sorted([i, s] for i, s in steps.items())}
+    write_atomic(folder / f"{name}.json", canonical_json(index))
 
 
-def _write_common(shards: ShardState, folder: Path) -> None:
+def _write_common(shards: ShardState, folder: Path) -> dict:
+    common = {"param_groups": saved_groups(shards), "loss_scaler": shards.loss_scaler.state_dict()}
+    with ChecksumFile(folder / "common.pt") as f:
+        torch.save(common, f)
+    return {"nbytes": f.nbytes, "crc32": f.crc}
+
+
+def _write_metadata(shards: ShardState, folder: Path, common: dict) -> None:
     steps = {s.index: b.steps[slot] for b in shards.buckets for slot, s in enumerate(b.layout.slots)}
     params = [{"index": index, "shape": list(shape), "step": steps.get(index, 0)}
               for index, shape in shards.param_shapes().items()]
-    meta = {"format": _FORMAT, "version": FORMAT_VERSION, "world_size": shards.world_size,
-            "params": params, "files": [f"rank{r:05d}" for r in range(shards.world_size)]}
-    _write_atomic(folder / "metadata.json", json.dumps(meta).encode())
-    common = {"param_groups": saved_groups(shards), "loss_scaler": shards.loss_scaler.state_dict()}
-    torch.save(common, folder / "common.pt")
-
-
-class CheckpointReader:
-    """A checked view of one saved version: metadata, rank indices and byte-range reads."""
-
-    def __init__(self, path: PathLike):
-        path = Path(path)
-        pointer = path / "LATEST"
-        if not pointer.exists():
-            raise FileNotFoundError(f"no sharded checkpoint at {path}: {pointer} does not exist")
-        self.folder = path / pointer.read_text().strip()
-        self.meta = self._json("metadata.json")
-        if self.meta.get("format") != _FORMAT:
-            raise CheckpointError(f"{self.folder / 'metadata.json'} is not a {_FORMAT} checkpoint")
-        common = self.folder / "common.pt"
-        if not common.exists():
-            raise FileNotFoundError(f"checkpoint file {common} is missing")
-        self.common = torch.load(common, weights_only=True)
-        self.pieces: dict[tuple[int, str], list[tuple[int, int, str, int, str]]] = {}
-        for name in self.meta["files"]:
-            index = self._json(f"{name}.json")
-            binary = self.folder / f"{name}.bin"
-            if not binary.exists():
-                raise FileNotFoundError(f"checkpoint file {binary} is missing")
-            size = binary.stat().st_size
-            if size != index["nbytes"]:
-                raise CheckpointError(f"checkpoint file {binary} is truncated or corrupt: "
-                                      f"{size} bytes, expected {index['nbytes']}")
-            for param, key, dtype, start, end, offset in index["pieces"]:
-                self.pieces.setdefault((param, key), []).append((start, end, str(binary), offset, dtype))
-
-    def _json(self, name: str) -> dict:
-        file = self.folder / name
-        if not file.exists():
-            raise FileNotFoundError(f"checkpoint file {file} is missing")
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"checkpoint file {file} is corrupt: {exc}") from exc
-
-    def has(self, index: int, key: str) -> bool:
-        return (index, key) in self.pieces
-
-    def read(self, index: int, key: str, start: int, end: int, out: torch.Tensor) -> bool:
-        """Fill ``out`` with elements ``[start, end)`` of the flattened ``key`` state of param
-        ``index``; False (and ``out`` untouched) if the checkpoint has no such state."""
-        if (index, key) not in self.pieces:
-            return False
-        for p_start, p_end, file, offset, dtype in self.pieces[(index, key)]:
-            lo, hi = max(start, p_start), min(end, p_end)
-            if lo >= hi:
-                continue
-            item = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-            with open(file, "rb") as f:
-                f.seek(offset + (lo - p_start) * item)
-                raw = bytearray(f.read((hi - lo) * item))
-            out.narrow(0, lo - start, hi - lo).copy_(torch.frombuffer(raw, dtype=getattr(torch, dtype)))
-        return True
+    files = []
+    for r in range(shards.world_size):  # written by every rank before the barrier; small
+        name = f"rank{r:05d}"
+        raw = (folder / f"{name}.json").read_bytes()
+        files.append({"name": name, "nbytes": (folder / f"{name}.bin").stat().st_size, "index_crc32": zlib.crc32(raw)})
+    meta = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": shards.world_size,
+            "params": params, "files": files, "common": common}
+    meta["crc32"] = zlib.crc32(canonical_json(meta))
+    write_atomic(folder / "metadata.json", canonical_json(meta))
 
 
 def _shapes_state(reader: CheckpointReader) -> dict:
@@ -204,26 +176,50 @@ def _shapes_state(reader: CheckpointReader) -> dict:
     return state
 
 
-@torch.no_grad()
-def load_sharded(opt: HasShardState, path: PathLike) -> None:
-    """Load the latest version under ``path`` (saved at any world size); not a collective.
-
-    Raises:
-        FileNotFoundError: no checkpoint, or a file of it is missing.
-        CheckpointError: a truncated/corrupt file or a checkpoint of a different model
-            (nothing is changed then).
-    """
-    shards = opt.shard_state()
-    reader = CheckpointReader(path)
-    if len(reader.meta["params"]) != shards.num_params:
-        raise CheckpointError(f"checkpoint has {len(reader.meta['params'])} params, "
+def _check_model(shards: ShardState, reader: CheckpointReader) -> list[dict]:
+    """The param groups to install, after checking the checkpoint against the optimizer's model."""
+    meta_file = reader.folder / "metadata.json"
+    if len(reader.shapes) != shards.num_params:
+        raise CheckpointError(f"{meta_file}: field 'params': checkpoint has {len(reader.shapes)} params, "
                               f"the optimizer has {shards.num_params}")
+    for index, shape in shards.param_shapes().items():
+        if reader.shapes[index] != tuple(shape):
+            raise CheckpointError(f"{meta_file}: field params[{index}].shape is {list(reader.shapes[index])}, the "
+                                  f"optimizer's param {index} has shape {list(shape)} (a different model?)")
+    common_file = reader.folder / "common.pt"
     try:
         new_groups = merged_groups(shards, reader.common["param_groups"])
         check_state_fits(shards, _shapes_state(reader))
-    except ValueError as exc:
-        raise CheckpointError(f"{reader.folder}: {exc}") from exc
-    steps = {p["index"]: p["step"] for p in reader.meta["params"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{common_file}: field 'param_groups' does not fit the optimizer: {exc}") from exc
+    try:
+        copy.deepcopy(shards.loss_scaler).load_state_dict(reader.common["loss_scaler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{common_file}: field 'loss_scaler' is not a loss-scaler state: {exc}") from exc
+    return new_groups
+
+
+@torch.no_grad()
+def load_sharded(opt: HasShardState, path: PathLike, *, verify: bool = True) -> None:
+    """Load the newest committed version under ``path`` (saved at any world size); not a collective.
+
+    Everything is read and checked before anything changes: on any error the optimizer
+    is exactly as before.
+
+    Args:
+        opt: the optimizer to load into.
+        path: the checkpoint directory.
+        verify: check the CRC-32 of every ``.bin`` chunk read (False skips that, not the
+            structural checks; see docs/checkpoints.md for the cost).
+
+    Raises:
+        CheckpointFileMissing: no checkpoint, or a file of it is missing (a FileNotFoundError).
+        CheckpointError: a truncated, corrupt or inconsistent file, or a checkpoint of a
+            different model; the message names the file and the field.
+    """
+    shards = opt.shard_state()
+    reader = CheckpointReader(path, verify=verify)
+    new_groups = _check_model(shards, reader)
     staged = []
     for bucket in shards.buckets:
         pieces = {}
@@ -232,7 +228,7 @@ def load_sharded(opt: HasShardState, path: PathLike) -> None:
                                    lambda i, a, b, out, key=key: reader.read(i, key, a, b, out))
             if piece is not None:
                 pieces[key] = piece
-        staged.append(([steps[s.index] for s in bucket.layout.slots], pieces))
+        staged.append(([reader.steps[s.index] for s in bucket.layout.slots], pieces))
     shards.param_groups[:] = new_groups
     for bucket, (bucket_steps, pieces) in zip(shards.buckets, staged):
         bucket.load_state(bucket_steps, pieces)
@@ -243,9 +239,14 @@ def consolidate_sharded(path: PathLike) -> dict:
     """Assemble a sharded checkpoint into one torch.optim.Adam-layout state dict, offline.
 
     No process group needed; the result loads into ``torch.optim.Adam/AdamW`` or into
-    ``ShardedFusedAdam`` at any world size.
+    ``ShardedFusedAdam`` at any world size. Every file is verified first.
+
+    Raises:
+        CheckpointFileMissing, CheckpointError: as ``load_sharded``.
     """
     reader = CheckpointReader(path)
+    reader.verify_all()  # one CRC pass over every chunk; the reads below need not repeat it
+    reader.verify = False
     state = {}
     for p in reader.meta["params"]:
         if p["step"] == 0:

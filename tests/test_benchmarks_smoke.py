@@ -97,7 +97,7 @@ def test_comm_bench_quick(tmp_path):
     result = json.loads((tmp_path / "comm_smoke.json").read_text())
     assert result["backend"] == "gloo" and result["world_size"] == 2 and result["numel"] == 4096
     assert set(result["median_ms"]) == {"all_reduce", "reduce_scatter_tensor", "reduce_xN", "broadcast_xN",
-                                        "all_gather_into_tensor"}
+                                        "all_gather_into_tensor", "send_recv_reduce", "send_recv_gather"}
     assert "all_reduce + broadcast_xN" in (tmp_path / "comm_smoke.md").read_text()
 
 

@@ -21,21 +21,15 @@ Engines with any other optimizer, or at stages 1/2, go through DeepSpeed's code 
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any, Optional
 
 from ..optimizer import ShardedFusedAdam
 from ..precision import DynamicLossScaler, LossScaler, StaticLossScaler
+from .deepspeed_modes import OPTIMIZER_NAMES, mode_for_engine, pending_loss_scale
 
-__all__ = ["install", "pending_loss_scaler"]
+__all__ = ["install"]
 
 _EXTENDED = "_sharded_fused_adam_extended"
-_local = threading.local()
-
-
-def pending_loss_scaler() -> Optional[LossScaler]:
-    """The loss scaler an engine being built asks for (read by the stage-0 builder), else None."""
-    return getattr(_local, "loss_scaler", None)
 
 
 def _loss_scaler_from_fp16(engine: Any) -> LossScaler:
@@ -51,8 +45,6 @@ def _loss_scaler_from_fp16(engine: Any) -> LossScaler:
 
 
 def _builds_ours(engine: Any, client_optimizer: Any) -> bool:
-    from .deepspeed_modes import OPTIMIZER_NAMES
-
     if int(engine.zero_optimization_stage()) != 0:
         return False
     if client_optimizer is None:
@@ -82,13 +74,8 @@ def _extend(original: Any) -> Any:
     def _configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> Any:
         if not _builds_ours(engine, client_optimizer):
             return original(engine, client_optimizer, model_parameters)
-        from .deepspeed_modes import mode_for_engine
-
-        _local.loss_scaler = _take_over_precision(engine, client_optimizer)
-        try:
+        with pending_loss_scale(_take_over_precision(engine, client_optimizer)):
             result = original(engine, client_optimizer, model_parameters)
-        finally:
-            _local.loss_scaler = None
         mode_for_engine(engine).wire(engine)
         return result
 

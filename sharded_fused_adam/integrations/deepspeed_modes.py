@@ -20,17 +20,35 @@ import contextlib
 import copy
 import json
 import logging
-from typing import Any, Iterator, Mapping
+import threading
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..local_adam import FusedAdam
 from ..optimizer import ShardedFusedAdam
-from .deepspeed_engine import pending_loss_scaler
+from ..precision import LossScaler
 
 __all__ = ["OPTIMIZER_NAMES", "ShardedMode", "DelegatedMode", "DeepSpeedShardedFusedAdam", "zero_stage",
-           "mode_for_config", "optimizer_type", "mode_for_engine"]
+           "mode_for_config", "optimizer_type", "mode_for_engine", "pending_loss_scaler", "pending_loss_scale"]
+
+_local = threading.local()  # the loss scaler an engine under construction asks for (deepspeed_engine.py)
+
+
+def pending_loss_scaler() -> Optional[LossScaler]:
+    """The loss scaler the engine being built asks for (its fp16 section), else None."""
+    return getattr(_local, "loss_scaler", None)
+
+
+@contextlib.contextmanager
+def pending_loss_scale(scaler: Optional[LossScaler]) -> Iterator[None]:
+    """Within, ``pending_loss_scaler()`` returns ``scaler`` (in this thread)."""
+    _local.loss_scaler = scaler
+    try:
+        yield
+    finally:
+        _local.loss_scaler = None
 
 logger = logging.getLogger(__name__)
 

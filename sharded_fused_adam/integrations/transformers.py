@@ -53,8 +53,6 @@ class ShardedFusedAdamCallback(transformers.TrainerCallback):
       spread over all ranks. When ``control.should_save`` is set (after ``DefaultFlowCallback``
       decided, before the save) every rank calls ``snapshot_state_dict()``, so the saving
       rank's ``state_dict()`` returns the gathered state without communicating.
-    * After each optimizer step it clears the optimizer's gradient shards: the Trainer only
-      calls ``model.zero_grad()``, which does not reach them in every version of the optimizer.
 
     Args:
         snapshot: gather before saves (our :class:`Trainer` saves the optimizer itself and
@@ -68,11 +66,6 @@ class ShardedFusedAdamCallback(transformers.TrainerCallback):
         opt = sharded_optimizer(optimizer)
         if self.snapshot and control.should_save and opt is not None:
             opt.snapshot_state_dict()
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        opt = sharded_optimizer(optimizer)
-        if opt is not None and not getattr(args, "deepspeed", None):
-            opt.zero_grad(set_to_none=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         self._snapshot(control, optimizer)
