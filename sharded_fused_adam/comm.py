@@ -213,6 +213,10 @@ class CommPlan:
         """Start filling every rank's copy of ``flat`` with each owner's shard."""
         return Pending([], None)
 
+    def receive_buffer_bytes(self) -> int:
+        """Bytes this plan keeps for receiving (pooled between collectives); none here."""
+        return 0
+
     def own_shard(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a padded flat buffer."""
         shard_numel = flat.numel() // self.world_size

@@ -22,7 +22,7 @@ class MemoryReport:
     rank's reduced gradient shards; ``master_shards``: fp32 masters (0 for fp32 models,
     whose shard of the flat params is the master); ``moments``: exp_avg, exp_avg_sq and
     max_exp_avg_sq shards; ``comm_buffers``: the pooled bucket buffers gradients are reduced in
-    (with ``grads="replicated"``: the full flat gradient buffers, whose shards are then the
+    and, on gloo's send/recv reductions, the pooled shard-sized receive buffers (with ``grads="replicated"``: the full flat gradient buffers, whose shards are then the
     gradient shards of fp32 params and not counted twice).
     ``num_params`` is Ψ, the number of parameter elements.
     """

@@ -452,7 +452,9 @@ class GradReducer:
                         grad.detach_().zero_()
 
     def comm_buffer_bytes(self) -> int:
-        return sum(cb.tensor.numel() * cb.tensor.element_size() for pool in self._pool.values() for cb in pool)
+        """The pooled bucket buffers plus the plan's pooled receive buffers (send/recv reductions)."""
+        pooled = sum(cb.tensor.numel() * cb.tensor.element_size() for pool in self._pool.values() for cb in pool)
+        return pooled + self._plan.receive_buffer_bytes()
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
