@@ -225,7 +225,8 @@ MUTANTS: list[Mutant] = [
        "comm reducer_optimizer", "the send/recv reduction forgets the last rank's contribution"),
     _m("sendrecv_gather_own_shard_everywhere", "comm.py",
        "works = [dist.irecv(flat.narrow(0, r * shard_numel, shard_numel), src=self._src(r), group=group,",
-       "works = [dist.irecv(torch.empty_like(flat.narrow(0, r * shard_numel, shard_numel)), src=self._src(r), group=group,",
+       "works = [dist.irecv(torch.empty_like(flat.narrow(0, r * shard_numel, shard_numel)), "
+       "src=self._src(r), group=group,",
        "comm parity", "the send/recv gather receives the peers' shards into scratch, not into the params"),
     _m("reduce_pool_unbounded", "reducer.py",
        "        while len(self._inflight) >= self._max_inflight:\n            self._complete_oldest()\n",

@@ -97,7 +97,8 @@ def _pytest_args(selections: Sequence[str]) -> list[str]:
     return paths + (["-k", " or ".join(keywords)] if filtered else [])
 
 
-def run_tests(copy: Path, selections: Sequence[str], timeout_s: float, *, stop_at_first: bool) -> tuple[str, float, str]:
+def run_tests(copy: Path, selections: Sequence[str], timeout_s: float, *,
+              stop_at_first: bool) -> tuple[str, float, str]:
     """Run the selections' tests in ``copy``; returns (passed/failed/timeout, seconds, last lines)."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
