@@ -66,7 +66,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             flags] in validation.py); ``capturable`` and ``differentiable`` raise.
         **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
-            collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
+            collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout,
+            master_weights, state_dtype).
 
     Raises:
         ValueError: a hyperparameter or option out of range, empty params, a duplicated or
@@ -213,7 +214,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                    if p.requires_grad and p.numel() > 0 and (only is None or id(p) in only)]
         return pack_buckets(group["params"], members, self._param_names(group_index), group_index=group_index,
                             first_index=first, world_size=self.world_size, rank=self.rank,
-                            bucket_cap_mb=self._options.bucket_cap_mb)
+                            bucket_cap_mb=self._options.bucket_cap_mb, master_weights=self._options.master_weights,
+                            state_dtype=self._options.state_dtype)
 
     def _adopt_unfrozen(self) -> None:
         """Give params that became trainable since construction buckets of their own (a collective)."""
@@ -333,11 +335,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
         group = self.param_groups[bucket.group_index]
         beta1, beta2 = (float(b) for b in group["betas"])
-        views = bucket.segment_views(tuple((start, end) for start, end, _ in segments))
         amsgrad = bool(group["amsgrad"])
-        self._kernel.adam_step(
-            views.master, views.grad, views.exp_avg, views.exp_avg_sq,
-            views.max_exp_avg_sq if amsgrad else [], [s for _, _, s in segments],
+        bucket.update(
+            segments, self._kernel.adam_step,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
             decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
@@ -485,8 +485,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def refresh_masters(self) -> None:
         """Copy fp16/bf16 params into their fp32 masters after editing params in place."""
         for bucket in self._buckets:
-            if bucket.is_low_precision:
-                bucket.master.copy_(bucket.buffer.shard(self.rank))
+            bucket.refresh_master()
 
 
 class ShardedFusedAdamW(ShardedFusedAdam):
