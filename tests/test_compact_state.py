@@ -88,3 +88,10 @@ def test_split_applies_to_bf16_only_and_fp16_warns():
     assert resolve_master_weights("split", torch.float32, ["w"]) == "fp32"
     with pytest.warns(RuntimeWarning, match=r"fp16 params \['w'\] keep 4-byte fp32 masters"):
         assert resolve_master_weights("split", torch.float16, ["w"]) == "fp32"
+
+
+@pytest.mark.slow  # about 10 minutes on one core; the edge-case and hypothesis tests above are its short form
+def test_all_2_32_bit_patterns_round_trip():
+    numel = 1 << 24
+    for k in range(1 << 8):
+        _check_exact(torch.arange(k * numel, (k + 1) * numel, dtype=torch.int64).to(torch.int32).view(torch.float32))
