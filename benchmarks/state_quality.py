@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print("| run | train loss (mean of last 50 steps) | val loss | ‖θ − θ_ref‖ / ‖θ_ref − θ₀‖ | ref |")
+    print("| run | train loss (last 50 steps) | val loss | drift ‖θ − θ_ref‖ / ‖θ_ref − θ₀‖ | ref |")
     print("|---|---|---|---|---|")
     for name, r in result["runs"].items():
         train = "—" if r["final_train_loss_50"] is None else f"{r['final_train_loss_50']:.4f}"
