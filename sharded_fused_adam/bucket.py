@@ -10,7 +10,8 @@ after construction is overwritten by the next step unless ``load_state_dict`` or
 ``ShardedFusedAdam.refresh_masters()`` copies them in. With ``master_weights="split"`` a bf16
 bucket's master is its param shard plus an int16 residual instead (2 bytes per element, bit
 for bit the same master: see [Note: split masters] in compact_state.py); an in-place edit of
-the params then edits the master too, with the old residual as its low bits, until
+the params then edits the master too, with the old residual as its low bits (so where that
+residual was a tie the next split may move the edited param by one bf16 ulp), until
 ``refresh_masters()`` clears the residual.
 
 [Note: staged update]
