@@ -90,7 +90,7 @@ def test_split_applies_to_bf16_only_and_fp16_warns():
         assert resolve_master_weights("split", torch.float16, ["w"]) == "fp32"
 
 
-@pytest.mark.slow  # about 10 minutes on one core; the edge-case and hypothesis tests above are its short form
+@pytest.mark.slow  # about 5 minutes on one core; the edge-case and hypothesis tests above are its short form
 def test_all_2_32_bit_patterns_round_trip():
     numel = 1 << 24
     for k in range(1 << 8):
