@@ -280,7 +280,7 @@ class GradReducer:
     def _agree_on_order(self) -> list[int]:
         seen = list(dict.fromkeys(self._arrivals))
         local = seen + [r.index for r in self._records if r.index not in seen]
-        order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.master.device)
+        order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.buffer.device)
         return self._plan.broadcast_(order, what="broadcast of the bucket order").tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
@@ -299,7 +299,7 @@ class GradReducer:
             cb = min(fits, key=lambda c: c.tensor.numel())
             pool.remove(cb)
         else:
-            cb = _CommBuffer(torch.empty(need, dtype=record.comm_dtype, device=bucket.master.device))
+            cb = _CommBuffer(torch.empty(need, dtype=record.comm_dtype, device=bucket.buffer.device))
         if cb.owner != record.index:
             for start, end in record.gaps:
                 cb.tensor.narrow(0, start, end - start).zero_()
@@ -388,7 +388,7 @@ class GradReducer:
         if self._reduced_since_finish:
             flush = leftover
         else:
-            flush = self._plan.any_rank(leftover, self._records[0].bucket.master.device)
+            flush = self._plan.any_rank(leftover, self._records[0].bucket.buffer.device)
         if flush:
             self._flush()
         changed = flush or bool(self._inflight)

@@ -192,7 +192,7 @@ class ReplicatedGrads:
         handset = any(raw_grad(p) is not None and raw_grad(p) is not r.views[slot]
                       for r in self._records for slot, p in enumerate(r.bucket.params))
         dirty = handset or any(r.dirty for r in self._records)
-        if self._plan.any_rank(dirty, self._records[0].bucket.master.device):
+        if self._plan.any_rank(dirty, self._records[0].bucket.buffer.device):
             for record in self._records:
                 self._launch(record)
             self._wait_all()
@@ -200,7 +200,7 @@ class ReplicatedGrads:
             bucket = record.bucket
             bucket.has_grad = [raw_grad(p) is not None for p in bucket.params]
             if bucket.is_low_precision:
-                bucket.grad_shard.copy_(self._plan.own_shard(record.flat_grad))
+                bucket.grad_shard.copy_(self._plan.own_shard(record.flat_grad.narrow(0, 0, bucket.layout.padded_numel)))
             bucket.grad_valid = True
         return True
 
