@@ -211,7 +211,29 @@ def run_deepspeed(rank: int, out: Path) -> dict:
     return res
 
 
-SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed}
+def run_resume_other_world_size(rank: int, out: Path) -> dict:
+    """One rank resumes the 2-rank ``plain`` run's Trainer checkpoint and trains on."""
+    from sharded_fused_adam.integrations import transformers as sfa_hf
+
+    checkpoint = out / "ours" / f"checkpoint-{SAVE_AT}"
+    saved = torch.load(checkpoint / transformers.trainer.OPTIMIZER_NAME, weights_only=True)
+    loaded: dict[str, Any] = {}
+
+    class Capture(transformers.TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+            loaded.update(sfa_hf.sharded_optimizer(optimizer).state_dict())  # right after the Trainer loaded it
+
+    trainer = sfa_hf.Trainer(model=make_model(), args=training_args(out / "resume1", max_steps=SAVE_AT + 2),
+                             train_dataset=Tokens(), callbacks=[Capture()])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    same = sorted(loaded["state"]) == sorted(saved["state"]) and all(
+        torch.equal(loaded["state"][i][k], v) for i, entry in saved["state"].items() for k, v in entry.items())
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"state_equal": same, "num_params_with_state": len(saved["state"]), "losses": losses,
+            "global_step": trainer.state.global_step}
+
+
+SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed, "resume_other": run_resume_other_world_size}
 
 
 def main() -> None:
