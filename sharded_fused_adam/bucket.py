@@ -7,22 +7,40 @@ fp16/bf16 params the rank keeps an fp32 master shard, fp32 moments and an fp32 g
 shard; after the update the master is rounded into the flat param shard, which is then
 gathered. The fp32 master is the source of truth: editing low-precision params in place
 after construction is overwritten by the next step unless ``load_state_dict`` or
-``ShardedFusedAdam.refresh_masters()`` copies them in.
+``ShardedFusedAdam.refresh_masters()`` copies them in. With ``master_weights="split"`` a bf16
+bucket's master is its param shard plus an int16 residual instead (2 bytes per element, bit
+for bit the same master: see [Note: split masters] in compact_state.py); an in-place edit of
+the params then edits the master too, with the old residual as its low bits (so where that
+residual was a tie the next split may move the edited param by one bf16 ulp), until
+``refresh_masters()`` clears the residual.
+
+[Note: staged update]
+The fused kernels take fp32 (or fp64) tensors of one dtype. When a shard's master is split or
+its moments are stored in bf16 (``state_dtype``), the update runs chunk by chunk
+(``CHUNK_NUMEL`` elements of the shard at a time): the chunk's master is rebuilt and its
+moments are widened into fp32 scratch, the kernel runs on views of the scratch (and of the
+gradient shard), and the results are split and rounded back. Chunk boundaries are multiples
+of 16 elements, so every element stays in the same vector lane as in one kernel call over
+the segment (see [Note: alignment] in layout.py) and a split master trains bit for bit like
+a 4-byte one. Rebuilding then splitting an element the kernel did not touch gives it back
+unchanged, so whole chunks are staged.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from .compact_state import CHUNK_NUMEL, SplitMaster, resolve_master_weights
 from .flat_buffer import FlatParamBuffer
 from .layout import BucketLayout, kernel_segments, plan_buckets
 
-__all__ = ["Bucket", "LOW_PRECISION", "STATE_KEYS", "pack_buckets"]
+__all__ = ["Bucket", "LOW_PRECISION", "MOMENT_KEYS", "STATE_KEYS", "pack_buckets"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Per-param state tensors a checkpoint holds, in torch.optim.Adam's names (plus our fp32 master).
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+MOMENT_KEYS = STATE_KEYS[:3]
 
 
 class SegmentViews(NamedTuple):
@@ -35,6 +53,16 @@ class SegmentViews(NamedTuple):
     max_exp_avg_sq: list[torch.Tensor]
 
 
+class _Chunk(NamedTuple):
+    """One chunk of a staged update (see [Note: staged update])."""
+
+    index: int
+    segments: tuple[int, ...]      # indices into the update's segment list that run in this chunk
+    views: SegmentViews            # what the kernel gets: scratch views where staged
+    master_scratch: Optional[tuple[torch.Tensor, torch.Tensor]]  # the rebuilt master as (fp32, int32) views
+    moments: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (stored slice, fp32 scratch slice) pairs
+
+
 class Bucket:
     """Everything this rank keeps for one bucket (see [Note: master weights]).
 
@@ -44,16 +72,14 @@ class Bucket:
         names: display names of the params, for error messages.
         group_index: the param group all of this bucket's params belong to.
         rank: this rank's index in the process group.
+        master_weights: ``"fp32"`` or ``"split"`` (bf16 params only; see [Note: split masters]).
+        state_dtype: the dtype the moments are stored in (None: fp32, or the dtype of
+            fp64 params); the update always runs in fp32 (see [Note: staged update]).
     """
 
-    def __init__(
-        self,
-        layout: BucketLayout,
-        params: Sequence[torch.Tensor],
-        names: Sequence[str],
-        group_index: int,
-        rank: int,
-    ):
+    def __init__(self, layout: BucketLayout, params: Sequence[torch.Tensor], names: Sequence[str],
+                 group_index: int, rank: int, *, master_weights: str = "fp32",
+                 state_dtype: Optional[torch.dtype] = None):
         self.layout = layout
         self.group_index = group_index
         self.rank = rank
@@ -63,16 +89,24 @@ class Bucket:
             (start, end) for start, end, _ in kernel_segments(self.fragments, layout.slots, [0] * len(self.fragments))
         )
         param_shard = self.buffer.shard(rank)
-        low = self.buffer.dtype in LOW_PRECISION
-        self.master = param_shard.float() if low else param_shard
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.compute_dtype = torch.float32 if self.is_low_precision else self.buffer.dtype
+        assert master_weights == "fp32" or self.buffer.dtype == torch.bfloat16, (master_weights, self.buffer.dtype)
+        self.chunk_numel = CHUNK_NUMEL
+        self._split = SplitMaster(param_shard, self.chunk_numel) if master_weights == "split" else None
+        self._master: Optional[torch.Tensor] = None
+        if self._split is None:
+            self._master = param_shard.float() if self.is_low_precision else param_shard
+        self.state_dtype = state_dtype or self.compute_dtype
+        self.exp_avg = torch.zeros(param_shard.numel(), dtype=self.state_dtype, device=param_shard.device)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.max_exp_avg_sq: torch.Tensor | None = None
-        self.grad_shard = torch.zeros_like(self.master)
+        self.grad_shard = torch.zeros(param_shard.numel(), dtype=self.compute_dtype, device=param_shard.device)
         self.grad_valid = False  # False: the shard holds no gradient since zero_grad
         self.has_grad = [False] * len(layout.slots)  # this rank, since zero_grad
         self.steps = [0] * len(layout.slots)  # Adam step count per param (same on all ranks)
-        self._views: tuple = ((), None)  # (ranges, SegmentViews) of the last update
+        self._views: tuple = ((), None)  # (ranges, SegmentViews) of the last direct update
+        self._chunks: tuple = ((), False, ())  # (ranges, amsgrad, chunks) of the last staged update
+        self._scratch: Optional[torch.Tensor] = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -80,17 +114,39 @@ class Bucket:
 
     @property
     def is_low_precision(self) -> bool:
-        return self.master.data_ptr() != self.buffer.shard(self.rank).data_ptr()
+        """fp16/bf16 params: the master is not the param shard, and the gradient shard is fp32."""
+        return self.buffer.dtype in LOW_PRECISION
+
+    @property
+    def is_staged(self) -> bool:
+        """The update runs on fp32 scratch chunks (see [Note: staged update])."""
+        return self._split is not None or self.state_dtype != self.compute_dtype
+
+    @property
+    def master(self) -> torch.Tensor:
+        """This rank's master shard (the param shard for fp32/fp64 params; a new fp32 tensor when split)."""
+        return self._split.full() if self._split is not None else self._master
+
+    @property
+    def master_nbytes(self) -> int:
+        """Bytes held for the master beyond the params: 0, 2 (split) or 4 per element."""
+        if self._split is not None:
+            return self._split.nbytes
+        return self._master.numel() * self._master.element_size() if self.is_low_precision else 0
+
+    @property
+    def staging_nbytes(self) -> int:
+        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
 
     def adopt_grad_shard(self, view: torch.Tensor) -> None:
         """Use ``view`` (a shard of a replicated gradient buffer) as the gradient shard: no copy."""
         assert view.shape == self.grad_shard.shape and view.dtype == self.grad_shard.dtype
         self.grad_shard = view
-        self._views = ((), None)
+        self._views, self._chunks = ((), None), ((), False, ())
 
     def ensure_amsgrad_buffer(self) -> torch.Tensor:
         if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = torch.zeros_like(self.master)
+            self.max_exp_avg_sq = torch.zeros_like(self.exp_avg)
         return self.max_exp_avg_sq
 
     def segments_to_update(self, mask: Sequence[bool]) -> list[tuple[int, int, int]]:
@@ -110,28 +166,118 @@ class Bucket:
 
     def segment_views(self, ranges: tuple[tuple[int, int], ...]) -> SegmentViews:
         """Views of the state shards cut at ``ranges``, reused while the ranges stay the same
-        (cutting thousands of views every step costs more than the update of ragged models)."""
+        (cutting thousands of views every step costs more than the update of ragged models).
+        Only for buckets that are not staged."""
+        assert not self.is_staged
         cached_ranges, views = self._views
         amsgrad = self.max_exp_avg_sq is not None
         if views is None or cached_ranges != ranges or bool(views.max_exp_avg_sq) != amsgrad:
             def cut(t: torch.Tensor | None) -> list[torch.Tensor]:
                 return [] if t is None else [t.narrow(0, s, e - s) for s, e in ranges]
-            views = SegmentViews(cut(self.master), cut(self.grad_shard), cut(self.exp_avg),
+            views = SegmentViews(cut(self._master), cut(self.grad_shard), cut(self.exp_avg),
                                  cut(self.exp_avg_sq), cut(self.max_exp_avg_sq))
             self._views = (ranges, views)
         return views
+
+    def update(self, segments: Sequence[tuple[int, int, int]], adam_step: Callable[..., None], *,
+               amsgrad: bool, **scalars: Any) -> None:
+        """Run a kernel's ``adam_step`` (see kernels/__init__.py) with ``scalars`` over ``segments``
+        (from ``segments_to_update``) of the shards, staged if need be (see [Note: staged update])."""
+        ranges = tuple((start, end) for start, end, _ in segments)
+        steps = [step for _, _, step in segments]
+        if not self.is_staged:
+            v = self.segment_views(ranges)
+            adam_step(v.master, v.grad, v.exp_avg, v.exp_avg_sq, v.max_exp_avg_sq if amsgrad else [], steps,
+                      amsgrad=amsgrad, **scalars)
+            return
+        for chunk in self._chunk_plan(ranges, amsgrad):
+            self._stage(chunk)
+            v = chunk.views
+            adam_step(v.master, v.grad, v.exp_avg, v.exp_avg_sq, v.max_exp_avg_sq, [steps[i] for i in chunk.segments],
+                      amsgrad=amsgrad, **scalars)
+            self._unstage(chunk)
+
+    def _chunk_plan(self, ranges: tuple[tuple[int, int], ...], amsgrad: bool) -> tuple[_Chunk, ...]:
+        """The chunks that ``ranges`` touch, with the kernel's views (cached like ``segment_views``)."""
+        cached_ranges, cached_amsgrad, chunks = self._chunks
+        if chunks and cached_ranges == ranges and cached_amsgrad == amsgrad:
+            return chunks
+        moments = [self.exp_avg, self.exp_avg_sq] + ([self.max_exp_avg_sq] if amsgrad else [])
+        rows = self._scratch_rows(len(moments))
+        numel = self.exp_avg.numel()
+        plan = []
+        size = self.chunk_numel
+        for k in range(-(-numel // size)):
+            lo, hi = k * size, min((k + 1) * size, numel)
+            pieces = [(i, max(s, lo), min(e, hi)) for i, (s, e) in enumerate(ranges) if s < hi and e > lo]
+            if pieces:
+                plan.append(self._make_chunk(k, lo, hi, pieces, moments, rows))
+        self._chunks = (ranges, amsgrad, tuple(plan))
+        return self._chunks[2]
+
+    def _scratch_rows(self, num_moments: int) -> list[torch.Tensor]:
+        """One fp32 row of ``CHUNK_NUMEL`` per staged tensor: the master first (if split), then
+        the moments (if stored in another dtype)."""
+        need = (self._split is not None) + (num_moments if self.state_dtype != self.compute_dtype else 0)
+        if self._scratch is None or self._scratch.shape[0] < need:
+            width = min(self.chunk_numel, self.exp_avg.numel())
+            self._scratch = torch.empty(need, width, dtype=self.compute_dtype, device=self.exp_avg.device)
+        return list(self._scratch.unbind(0))
+
+    def _make_chunk(self, k: int, lo: int, hi: int, pieces: list[tuple[int, int, int]],
+                    moments: list[torch.Tensor], rows: list[torch.Tensor]) -> _Chunk:
+        def cut(t: torch.Tensor, offset: int) -> list[torch.Tensor]:
+            return [t.narrow(0, s - offset, e - s) for _, s, e in pieces]
+
+        master_row = rows[0] if self._split is not None else None
+        master = cut(self._master, 0) if master_row is None else cut(master_row, lo)
+        if self.state_dtype == self.compute_dtype:
+            kernel_moments, pairs = [cut(t, 0) for t in moments], ()
+        else:
+            moment_rows = rows[int(master_row is not None):][:len(moments)]
+            kernel_moments = [cut(row, lo) for row in moment_rows]
+            pairs = tuple((t.narrow(0, lo, hi - lo), row.narrow(0, 0, hi - lo)) for t, row in zip(moments, moment_rows))
+        views = SegmentViews(master, cut(self.grad_shard, 0), *kernel_moments,
+                             *([[]] if len(moments) == 2 else []))  # no amsgrad: no max_exp_avg_sq views
+        master_scratch = None
+        if master_row is not None:
+            master_scratch = (master_row.narrow(0, 0, hi - lo), master_row.narrow(0, 0, hi - lo).view(torch.int32))
+        return _Chunk(k, tuple(i for i, _, _ in pieces), views, master_scratch, pairs)
+
+    def _stage(self, chunk: _Chunk) -> None:
+        if chunk.master_scratch is not None:
+            self._split.join(chunk.index, chunk.master_scratch[1])
+        for stored, scratch in chunk.moments:
+            scratch.copy_(stored)
+
+    def _unstage(self, chunk: _Chunk) -> None:
+        if chunk.master_scratch is not None:
+            self._split.split(chunk.index, *chunk.master_scratch)
+        for stored, scratch in chunk.moments:
+            stored.copy_(scratch)  # rounds to nearest-even
 
     def advance_steps(self, mask: Sequence[bool]) -> None:
         self.steps = [s + 1 if m else s for s, m in zip(self.steps, mask)]
 
     def publish_master(self) -> None:
-        """Round the fp32 master into this rank's slice of the flat params (low precision only)."""
-        if self.is_low_precision:
-            self.buffer.shard(self.rank).copy_(self.master)
+        """Round the fp32 master into this rank's slice of the flat params (a split master already did)."""
+        if self.is_low_precision and self._split is None:
+            self.buffer.shard(self.rank).copy_(self._master)
+
+    def refresh_master(self) -> None:
+        """Make the master equal the current low-precision params (after editing them in place)."""
+        if self._split is not None:
+            self._split.reset()
+        elif self.is_low_precision:
+            self._master.copy_(self.buffer.shard(self.rank))
 
     # ---- checkpoint seam: the only writer of moments and masters besides the kernel ----
     def state_shards(self) -> dict[str, torch.Tensor]:
-        """This rank's state shards by ``STATE_KEYS`` name (amsgrad and master only if held)."""
+        """This rank's state shards by ``STATE_KEYS`` name (amsgrad and master only if held).
+
+        Moments come in their stored dtype (``state_dtype``); the master always in fp32
+        (rebuilt into a new tensor when split), so checkpoints reshard and interoperate.
+        """
         shards = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
         if self.max_exp_avg_sq is not None:
             shards["max_exp_avg_sq"] = self.max_exp_avg_sq
@@ -139,29 +285,41 @@ class Bucket:
             shards["master_param"] = self.master
         return shards
 
-    def load_state(self, steps: Sequence[int], shards: Mapping[str, torch.Tensor]) -> None:
-        """Replace the steps and state shards with loaded ones (shard-shaped, any device).
+    def state_template(self, key: str) -> torch.Tensor:
+        """A meta tensor with the shape and the dtype a loader should stage ``key`` in (full precision)."""
+        assert key in STATE_KEYS, key
+        dtype = torch.float32 if key == "master_param" else self.compute_dtype
+        return torch.empty(self.exp_avg.shape, dtype=dtype, device="meta")
 
-        A moment missing from ``shards`` becomes zeros; a missing fp32 master starts from
-        the current low-precision params (see [Note: master weights]).
+    def load_state(self, steps: Sequence[int], shards: Mapping[str, torch.Tensor]) -> None:
+        """Replace the steps and state shards with loaded ones (shard-shaped, any device and dtype).
+
+        Values are converted to the stored dtype (so moments saved in fp32 load into bf16
+        moments and back). A moment missing from ``shards`` becomes zeros; a missing fp32
+        master starts from the current low-precision params (see [Note: master weights]).
         """
         assert len(steps) == len(self.layout.slots), (len(steps), len(self.layout.slots))
         self.steps = [int(s) for s in steps]
         if "max_exp_avg_sq" in shards:
             self.ensure_amsgrad_buffer()
-        for key, target in self.state_shards().items():
-            value = shards.get(key)
-            if value is not None:
-                target.copy_(value)
-            elif key == "master_param":
-                target.copy_(self.buffer.shard(self.rank))
+        for key in MOMENT_KEYS:
+            target, value = getattr(self, key), shards.get(key)
+            if target is not None:
+                target.copy_(value) if value is not None else target.zero_()
+        if self.is_low_precision:
+            value = shards.get("master_param")
+            if value is None:
+                self.refresh_master()
+            elif self._split is not None:
+                self._split.load(value)
             else:
-                target.zero_()
+                self._master.copy_(value)
 
 
 def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: Sequence[str], *,
                  group_index: int, first_index: int, world_size: int, rank: int,
-                 bucket_cap_mb: float) -> list[Bucket]:
+                 bucket_cap_mb: float, master_weights: str = "auto",
+                 state_dtype: Optional[torch.dtype] = None) -> list[Bucket]:
     """Buckets for ``params[i] for i in members`` of one group: per dtype, in reverse order
     (the order backward produces gradients), at most ``bucket_cap_mb`` each."""
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -171,7 +329,9 @@ def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: 
     for dtype, indices in by_dtype.items():
         cap = max(1, int(bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
         order = [(first_index + i, params[i].numel()) for i in reversed(indices)]
+        master = resolve_master_weights(master_weights, dtype, [names[i] for i in indices])
         for layout in plan_buckets(order, world_size=world_size, bucket_numel=cap):
             local = [s.index - first_index for s in layout.slots]
-            buckets.append(Bucket(layout, [params[i] for i in local], [names[i] for i in local], group_index, rank))
+            buckets.append(Bucket(layout, [params[i] for i in local], [names[i] for i in local], group_index, rank,
+                                  master_weights=master, state_dtype=state_dtype))
     return buckets

@@ -244,7 +244,7 @@ def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
     staged = []
     for bucket in shards.buckets:
         keys = [k for k in STATE_KEYS if any(k in state.get(s.index, {}) for s in bucket.layout.slots)]
-        pieces = {k: assemble_shard(bucket, bucket.exp_avg, reader(k)) for k in keys}
+        pieces = {k: assemble_shard(bucket, bucket.state_template(k), reader(k)) for k in keys}
         steps = [int(float(state.get(s.index, {}).get("step", 0))) for s in bucket.layout.slots]
         staged.append((steps, {k: v for k, v in pieces.items() if v is not None}))
     shards.param_groups[:] = new_groups

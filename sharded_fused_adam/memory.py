@@ -22,8 +22,13 @@ class MemoryReport:
     rank's reduced gradient shards; ``master_shards``: fp32 masters (0 for fp32 models,
     whose shard of the flat params is the master); ``moments``: exp_avg, exp_avg_sq and
     max_exp_avg_sq shards; ``comm_buffers``: the pooled bucket buffers gradients are reduced in
-    and, on gloo's send/recv reductions, the pooled shard-sized receive buffers (with ``grads="replicated"``: the full flat gradient buffers, whose shards are then the
-    gradient shards of fp32 params and not counted twice).
+    and, with gloo's send/recv reductions, the pooled shard-sized receive buffers (with
+    ``grads="replicated"``: the full flat gradient buffers, whose shards are then the
+    gradient shards of fp32 params and not counted twice); ``staging``: the fp32 scratch
+    chunks of a staged update (split masters or bf16 moments; at most a few hundred KiB per
+    bucket, see [Note: staged update] in bucket.py). ``master_shards`` counts what the master
+    holds beyond the params: 4 bytes per element of a low-precision shard, 2 when split
+    (plus 8 bytes per down tie, see [Note: split masters]).
     ``num_params`` is Ψ, the number of parameter elements.
     """
 
@@ -35,6 +40,7 @@ class MemoryReport:
     master_shards: int
     moments: int
     comm_buffers: int
+    staging: int = 0
 
     @property
     def optimizer_state(self) -> int:
@@ -43,7 +49,14 @@ class MemoryReport:
 
     @property
     def total(self) -> int:
-        return self.params + self.grad_shards + self.optimizer_state + self.comm_buffers
+        return self.params + self.grad_shards + self.optimizer_state + self.comm_buffers + self.staging
+
+    def bytes_per_param(self) -> dict[str, float]:
+        """Each component (and the total) divided by Ψ: the table of docs/concepts.md."""
+        psi = max(1, self.num_params)
+        parts = ("params", "grad_shards", "master_shards", "moments", "optimizer_state", "comm_buffers",
+                 "staging", "total")
+        return {k: getattr(self, k) / psi for k in parts}
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "optimizer_state": self.optimizer_state, "total": self.total}
@@ -59,7 +72,8 @@ def memory_report(buckets: Sequence[Bucket], world_size: int, comm_buffer_bytes:
         params=params,
         padding=params - used,
         grad_shards=sum(_nbytes(b.grad_shard) for b in buckets if b.grad_shard._base is None),  # not views
-        master_shards=sum(_nbytes(b.master) for b in buckets if b.is_low_precision),
+        master_shards=sum(b.master_nbytes for b in buckets),
         moments=sum(_nbytes(b.exp_avg) + _nbytes(b.exp_avg_sq) + _nbytes(b.max_exp_avg_sq) for b in buckets),
         comm_buffers=comm_buffer_bytes,
+        staging=sum(b.staging_nbytes for b in buckets),
     )

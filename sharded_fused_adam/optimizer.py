@@ -68,7 +68,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
         **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
-            collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout).
+            collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout,
+            master_weights, state_dtype).
 
     Raises:
         ValueError: a hyperparameter or option out of range, empty params, a duplicated or
@@ -217,7 +218,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                    if p.requires_grad and p.numel() > 0 and (only is None or id(p) in only)]
         return pack_buckets(group["params"], members, self._param_names(group_index), group_index=group_index,
                             first_index=first, world_size=self.world_size, rank=self.rank,
-                            bucket_cap_mb=self._options.bucket_cap_mb)
+                            bucket_cap_mb=self._options.bucket_cap_mb, master_weights=self._options.master_weights,
+                            state_dtype=self._options.state_dtype)
 
     def _adopt_unfrozen(self) -> None:
         """Give params that became trainable since construction buckets of their own (a collective)."""
@@ -334,17 +336,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                 self._param_gather.start(b, bucket.buffer.flat)
 
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
-        group = self.param_groups[bucket.group_index]
-        beta1, beta2 = (float(b) for b in group["betas"])
-        views = bucket.segment_views(tuple((start, end) for start, end, _ in segments))
-        amsgrad = bool(group["amsgrad"])
-        self._kernel.adam_step(
-            views.master, views.grad, views.exp_avg, views.exp_avg_sq,
-            views.max_exp_avg_sq if amsgrad else [], [s for _, _, s in segments],
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
-            decoupled=bool(group["decoupled_weight_decay"]), maximize=bool(group["maximize"]),
-        )
+        g = self.param_groups[bucket.group_index]
+        bucket.update(segments, self._kernel.adam_step, lr=float(g["lr"]), beta1=float(g["betas"][0]),
+                      beta2=float(g["betas"][1]), eps=float(g["eps"]), weight_decay=float(g["weight_decay"]),
+                      amsgrad=bool(g["amsgrad"]), decoupled=bool(g["decoupled_weight_decay"]),
+                      maximize=bool(g["maximize"]))
 
     def _gather_params(self) -> None:
         self._param_gather.release()  # waits here for the gathers unless overlap_param_gather
@@ -487,8 +483,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """Copy fp16/bf16 params into their fp32 masters after editing params in place."""
         self.wait_for_gathers()
         for bucket in self._buckets:
-            if bucket.is_low_precision:
-                bucket.master.copy_(bucket.buffer.shard(self.rank))
+            bucket.refresh_master()
 
 
 class ShardedFusedAdamW(ShardedFusedAdam):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import COMM_PLANS
+from .compact_state import MASTER_WEIGHTS
 from .kernels import KERNEL_NAMES
 from .precision import LossScaler, make_loss_scaler
 
@@ -20,6 +21,7 @@ __all__ = ["ShardingOptions", "GRADIENT_MODES"]
 
 GRADIENT_MODES = ("sharded", "replicated")
 _REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,13 @@ class ShardingOptions:
             read of each bucket's params waits for that bucket (param_gather.py); a failed
             gather then raises its ``CollectiveError`` there. Off by default: on gloo with 2
             ranks on 2 cores it measured slower (docs/benchmarks.md).
+        master_weights: how fp32 masters of bf16 params are held: ``"fp32"`` (a 4-byte copy),
+            ``"split"`` (the bf16 param plus a 2-byte residual, bit for bit the same master and
+            the same training; slower on CPU) or ``"auto"`` (default: ``"fp32"``). fp16 params
+            always keep 4-byte masters (see docs/mixed-precision.md).
+        state_dtype: the dtype Adam's moments are stored in: None (default: fp32, or the
+            params' dtype for fp64) or ``torch.bfloat16`` (half the moment memory; the update
+            still runs in fp32; measured quality in docs/mixed-precision.md).
 
     Raises:
         ValueError: a value out of range or not one of the listed choices.
@@ -73,6 +82,8 @@ class ShardingOptions:
     broadcast_params: bool = True
     state_dict_timeout: float = 60.0
     overlap_param_gather: bool = False
+    master_weights: str = "auto"
+    state_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         if self.grads not in GRADIENT_MODES:
@@ -89,6 +100,10 @@ class ShardingOptions:
             raise ValueError(f"state_dict_timeout must be > 0 seconds, got {self.state_dict_timeout}")
         if self.reduce_dtype not in _REDUCE_DTYPES:
             raise ValueError(f"reduce_dtype must be torch.float32, bfloat16 or float16, got {self.reduce_dtype}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
+        if self.state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         for name in ("overlap", "broadcast_params", "overlap_param_gather"):

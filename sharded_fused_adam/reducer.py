@@ -40,7 +40,7 @@ from .bucket import LOW_PRECISION, Bucket
 from .comm import CommPlan, Pending
 from .grad_watch import GradWatch, raw_grad, set_raw_grad
 
-__all__ = ["GradReducer", "find_ddp"]
+__all__ = ["GradReducer", "find_ddp", "register_grad_hook", "SyncSwitch"]
 
 
 def find_ddp(params: Sequence[torch.Tensor]) -> bool:
@@ -130,13 +130,35 @@ class _AlreadyAveraged:
         return Pending([], self.plan.own_shard(flat))
 
 
-def _hook(reducer_ref: weakref.ref, param: torch.Tensor) -> None:
-    reducer = reducer_ref()
-    if reducer is not None:
-        reducer.on_grad_ready(param)
+def register_grad_hook(p: torch.Tensor, strategy: object) -> torch.utils.hooks.RemovableHandle:
+    """Call ``strategy.on_grad_ready(p)`` after each accumulation into ``p.grad``; the hook holds
+    the strategy weakly, so a dropped optimizer is not kept alive by its model."""
+    ref = weakref.ref(strategy)
+
+    def hook(param: torch.Tensor) -> None:
+        target = ref()
+        if target is not None:
+            target.on_grad_ready(param)
+
+    return p.register_post_accumulate_grad_hook(hook)
 
 
-class GradReducer:
+class SyncSwitch:
+    """``no_sync()`` for a gradient strategy: backward inside only accumulates locally."""
+
+    _sync = True
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally in ``param.grad``; the next synced backward reduces them."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+
+class GradReducer(SyncSwitch):
     """Moves gradients from params into reduced shards (see [Note: gradient path]).
 
     Args:
@@ -201,8 +223,7 @@ class GradReducer:
                 self._order.append(record.index)
 
     def _hook_param(self, p: torch.Tensor, record: _Record) -> None:
-        ref = weakref.ref(self)
-        self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
+        self._hooks.append(register_grad_hook(p, self))
         record.expected += 1
 
     @property
@@ -216,15 +237,6 @@ class GradReducer:
         return sum(r.launched for r in self._records)
 
     # ---- backward -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally in ``param.grad``; the next synced backward reduces them."""
-        previous, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = previous
-
     def on_grad_ready(self, param: torch.Tensor) -> None:
         if self._detect_ddp:
             self._detect_ddp = False
@@ -280,7 +292,7 @@ class GradReducer:
     def _agree_on_order(self) -> list[int]:
         seen = list(dict.fromkeys(self._arrivals))
         local = seen + [r.index for r in self._records if r.index not in seen]
-        order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.master.device)
+        order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.buffer.device)
         return self._plan.broadcast_(order, what="broadcast of the bucket order").tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
@@ -299,7 +311,7 @@ class GradReducer:
             cb = min(fits, key=lambda c: c.tensor.numel())
             pool.remove(cb)
         else:
-            cb = _CommBuffer(torch.empty(need, dtype=record.comm_dtype, device=bucket.master.device))
+            cb = _CommBuffer(torch.empty(need, dtype=record.comm_dtype, device=bucket.buffer.device))
         if cb.owner != record.index:
             for start, end in record.gaps:
                 cb.tensor.narrow(0, start, end - start).zero_()
@@ -388,7 +400,7 @@ class GradReducer:
         if self._reduced_since_finish:
             flush = leftover
         else:
-            flush = self._plan.any_rank(leftover, self._records[0].bucket.master.device)
+            flush = self._plan.any_rank(leftover, self._records[0].bucket.buffer.device)
         if flush:
             self._flush()
         changed = flush or bool(self._inflight)

@@ -20,16 +20,15 @@ a gradient on some ranks only gets the average (zeros elsewhere) on every rank.
 """
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .bucket import LOW_PRECISION, Bucket
 from .comm import CommPlan, Pending
 from .grad_watch import raw_grad, set_raw_grad
+from .reducer import SyncSwitch, register_grad_hook
 
 __all__ = ["ReplicatedGrads"]
 
@@ -51,13 +50,7 @@ class _GradBucket:
     filled: list[bool] = field(default_factory=list)
 
 
-def _hook(ref: weakref.ref, param: torch.Tensor) -> None:
-    strategy = ref()
-    if strategy is not None:
-        strategy.on_grad_ready(param)
-
-
-class ReplicatedGrads:
+class ReplicatedGrads(SyncSwitch):
     """Keeps the averaged gradients in ``param.grad`` (see [Note: replicated gradients]).
 
     Args:
@@ -83,7 +76,6 @@ class ReplicatedGrads:
 
     def add_buckets(self, buckets: Sequence[Bucket]) -> None:
         """Take over more buckets; their params' ``grad`` become views into a new flat buffer."""
-        ref = weakref.ref(self)
         for bucket in buckets:
             # After the padded gradients, one presence flag per param travels in the same
             # all-reduce: afterwards every rank knows which params had a gradient on any rank.
@@ -97,22 +89,13 @@ class ReplicatedGrads:
             for slot, p in enumerate(bucket.params):
                 self._where[id(p)] = (record, slot)
                 if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(lambda t, r=ref: _hook(r, t)))
+                    self._hooks.append(register_grad_hook(p, self))
                     record.expected += 1
             self._records.append(record)
 
     @property
     def num_launched(self) -> int:
         return sum(r.pending is not None for r in self._records)
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate into ``param.grad`` without communicating; the next synced backward reduces."""
-        previous, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = previous
 
     def _adopt(self, record: _GradBucket, slot: int) -> bool:
         """Make the param's grad its view; False if the param has no gradient."""
@@ -192,7 +175,7 @@ class ReplicatedGrads:
         handset = any(raw_grad(p) is not None and raw_grad(p) is not r.views[slot]
                       for r in self._records for slot, p in enumerate(r.bucket.params))
         dirty = handset or any(r.dirty for r in self._records)
-        if self._plan.any_rank(dirty, self._records[0].bucket.master.device):
+        if self._plan.any_rank(dirty, self._records[0].bucket.buffer.device):
             for record in self._records:
                 self._launch(record)
             self._wait_all()
@@ -200,7 +183,7 @@ class ReplicatedGrads:
             bucket = record.bucket
             bucket.has_grad = [raw_grad(p) is not None for p in bucket.params]
             if bucket.is_low_precision:
-                bucket.grad_shard.copy_(self._plan.own_shard(record.flat_grad))
+                bucket.grad_shard.copy_(self._plan.own_shard(record.flat_grad.narrow(0, 0, bucket.layout.padded_numel)))
             bucket.grad_valid = True
         return True
 

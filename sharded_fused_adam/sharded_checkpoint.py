@@ -224,7 +224,7 @@ def load_sharded(opt: HasShardState, path: PathLike, *, verify: bool = True) -> 
     for bucket in shards.buckets:
         pieces = {}
         for key in STATE_KEYS:
-            piece = assemble_shard(bucket, bucket.exp_avg,
+            piece = assemble_shard(bucket, bucket.state_template(key),
                                    lambda i, a, b, out, key=key: reader.read(i, key, a, b, out))
             if piece is not None:
                 pieces[key] = piece

@@ -23,25 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepspeed_worker import Net, make_net  # noqa: F401  (the same ragged model as the DeepSpeed tests)
+
 BEFORE, AFTER = 3, 3
 GLOBAL_BATCH = 6
 LR = 1e-2
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(13, 29)  # ragged sizes: partitions and our shards cut params mid-row
-        self.norm = nn.LayerNorm(29)
-        self.fc2 = nn.Linear(29, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.norm(self.fc1(x))))
-
-
-def make_net() -> Net:
-    torch.manual_seed(0)
-    return Net()
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,10 +23,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-STEPS, SAVE_AT, SEQ, VOCAB = 20, 10, 16, 64
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "hf"))
+from common import SEQ, VOCAB, Tokens  # noqa: E402  (the examples' synthetic data set)
+
+STEPS, SAVE_AT = 20, 10
 
 
 def make_model() -> transformers.GPT2LMHeadModel:
@@ -34,21 +39,6 @@ def make_model() -> transformers.GPT2LMHeadModel:
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config)
-
-
-class Tokens(torch.utils.data.Dataset):
-    """Fixed random token sequences with a learnable pattern (each token predicts the next)."""
-
-    def __init__(self, n: int = 256):
-        g = torch.Generator().manual_seed(1)
-        start = torch.randint(0, VOCAB, (n, 1), generator=g)
-        self.ids = (start + torch.arange(SEQ) * torch.randint(1, 4, (n, 1), generator=g)) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -211,7 +201,29 @@ def run_deepspeed(rank: int, out: Path) -> dict:
     return res
 
 
-SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed}
+def run_resume_other_world_size(rank: int, out: Path) -> dict:
+    """One rank resumes the 2-rank ``plain`` run's Trainer checkpoint and trains on."""
+    from sharded_fused_adam.integrations import transformers as sfa_hf
+
+    checkpoint = out / "ours" / f"checkpoint-{SAVE_AT}"
+    saved = torch.load(checkpoint / transformers.trainer.OPTIMIZER_NAME, weights_only=True)
+    loaded: dict[str, Any] = {}
+
+    class Capture(transformers.TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+            loaded.update(sfa_hf.sharded_optimizer(optimizer).state_dict())  # right after the Trainer loaded it
+
+    trainer = sfa_hf.Trainer(model=make_model(), args=training_args(out / "resume1", max_steps=SAVE_AT + 2),
+                             train_dataset=Tokens(), callbacks=[Capture()])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    same = sorted(loaded["state"]) == sorted(saved["state"]) and all(
+        torch.equal(loaded["state"][i][k], v) for i, entry in saved["state"].items() for k, v in entry.items())
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"state_equal": same, "num_params_with_state": len(saved["state"]), "losses": losses,
+            "global_step": trainer.state.global_step}
+
+
+SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed, "resume_other": run_resume_other_world_size}
 
 
 def main() -> None:

@@ -36,17 +36,22 @@ IDIOMS = hasattr(ShardedFusedAdam, "snapshot_state_dict")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the launched ranks inherit it: nothing is downloaded
 
 
-def _job(scenario: str, out: Path) -> list[dict]:
-    output = _torchrun(2, str(WORKER), scenario, "--out", str(out))
-    files = [out / f"{scenario}_rank{r}.json" for r in range(2)]
+def _job(scenario: str, out: Path, world_size: int = 2) -> list[dict]:
+    output = _torchrun(world_size, str(WORKER), scenario, "--out", str(out))
+    files = [out / f"{scenario}_rank{r}.json" for r in range(world_size)]
     missing = [f.name for f in files if not f.exists()]
     assert not missing, f"no result from {missing}:\n{output[-8000:]}"
     return [json.loads(f.read_text()) for f in files]
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> list[dict]:
-    return _job("plain", tmp_path_factory.mktemp("hf_plain"))
+def plain_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf_plain")
+
+
+@pytest.fixture(scope="module")
+def plain(plain_dir) -> list[dict]:
+    return _job("plain", plain_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,16 @@ def test_trainer_matches_torch_adamw_and_resumes_bitwise(plain):
         _check_pair(res)
         assert res["losses"][1] < res["losses"][0] - 0.2, res["losses"]
         assert res["resume_bitwise"] and res["resume_norms_equal"], res
+
+
+def test_trainer_checkpoint_resumes_at_another_world_size(plain, plain_dir):
+    """The 2-rank Trainer's checkpoint, resumed by one rank: the optimizer state it loads is the
+    saved one, bit for bit, and training goes on from step 10."""
+    (res,) = _job("resume_other", plain_dir, world_size=1)
+    assert res["world_size"] == 1 and res["num_params_with_state"] > 0
+    assert res["state_equal"], res
+    # the log history comes back with the checkpoint: 10 saved entries, then the 2 new steps
+    assert res["global_step"] == 12 and len(res["losses"]) == 12 and all(l == l for l in res["losses"]), res
 
 
 @pytest.mark.skipif(not IDIOMS, reason="needs snapshot_state_dict() and DDP detection (gradient-lifetime work)")

@@ -88,10 +88,11 @@ def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.reshape(-1, 32), tokens.reshape(-1)) + (base.scale * out.mean(dim=(0, 1))[:16]).sum()
 
 
-def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int) -> dict:
+def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int, grads: str = "sharded") -> dict:
     torch.manual_seed(0)
     model = _Net()
-    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, bucket_cap_mb=0.002, overlap_param_gather=overlap)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, bucket_cap_mb=0.002, overlap_param_gather=overlap,
+                           grads=grads)
     opt._param_gather._plan = _LatePeer(opt._plan, 0.02)
     run = model
     if compiled == "wrapper":
@@ -126,10 +127,10 @@ def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int)
     return seen
 
 
-def _compare(world_size: int, compiled: str, ranks) -> None:
+def _compare(world_size: int, compiled: str, ranks, grads: str = "sharded") -> None:
     steps = 4
-    plain = ranks(_train, world_size, False, compiled, steps)
-    overlapped = ranks(_train, world_size, True, compiled, steps)
+    plain = ranks(_train, world_size, False, compiled, steps, grads)
+    overlapped = ranks(_train, world_size, True, compiled, steps, grads)
     for a, b in zip(plain, overlapped):
         assert a["losses"] == b["losses"]
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
@@ -146,6 +147,10 @@ def _compare(world_size: int, compiled: str, ranks) -> None:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_overlapped_gather_is_bitwise_equal_to_waiting_in_step(ranks, world_size):
     _compare(world_size, "", ranks)
+
+
+def test_overlapped_gather_with_replicated_gradients(ranks):
+    _compare(2, "", ranks, "replicated")  # param.grad views and model.zero_grad() between steps
 
 
 def test_overlapped_gather_with_a_compiled_model(ranks):

@@ -32,6 +32,13 @@ def _probe(device_type: str, device_index: int | None) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)
+def _step_tensor(step: int, device: torch.device) -> torch.Tensor:
+    """A 0-d fp32 tensor holding ``step``, shared by every call (the op only reads it): a staged
+    update calls the kernel once per chunk, and a new tensor per call costs as much as a small chunk."""
+    return torch.full((), float(step), dtype=torch.float32, device=device)
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Run the op once on ``device`` (cached): ``None`` if it works, else why not."""
     return _probe(device.type, device.index)
@@ -56,9 +63,7 @@ def adam_step(
 ) -> None:
     """Update ``params`` and moments in place; ``steps`` are already incremented."""
     device = params[0].device
-    # One step tensor per distinct value (the op only reads them): usually a single one.
-    by_value = {s: torch.full((), float(s), dtype=torch.float32, device=device) for s in set(steps)}
-    state_steps = [by_value[s] for s in steps]
+    state_steps = [_step_tensor(s, device) for s in steps]
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
        list(max_exp_avg_sqs) if amsgrad else [], state_steps,
