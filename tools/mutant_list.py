@@ -79,7 +79,8 @@ MUTANTS: list[Mutant] = [
        "target, value = getattr(self, key), shards.get(key)",
        "target, value = getattr(self, key), "
        "shards.get({'exp_avg': 'exp_avg_sq', 'exp_avg_sq': 'exp_avg'}.get(key, key))",
-       "checkpoint_torch_dicts checkpoint_sharded", "exp_avg and exp_avg_sq swapped when a checkpoint (full or sharded) is loaded"),
+       "checkpoint_torch_dicts checkpoint_sharded",
+       "exp_avg and exp_avg_sq swapped when a checkpoint (full or sharded) is loaded"),
     _m("clip_no_epsilon", "precision.py",
        "return min(1.0, max_norm / (norm + 1e-6))", "return min(1.0, max_norm / max(norm, 1e-30))",
        "clip", "torch's +1e-6 dropped from the clip coefficient"),
