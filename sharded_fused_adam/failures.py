@@ -7,8 +7,10 @@ group's timeout) has passed, "Operation timed out". Neither names the peer. Ever
 collective carries a sequence number, identical on all ranks because they issue
 collectives in the same order. On failure a survivor records "I reached collective #seq"
 in the rendezvous store (the one torch.distributed was initialized with, which outlives a
-crashed worker under torchrun and our harness) and gives the others a few seconds to do
-the same; the ranks whose key never appears are the ones named as missing. Nothing is
+crashed worker under torchrun and our harness), plus "I failed", and gives the others a few
+seconds to do the same; the ranks that show neither are the ones named as missing (a
+survivor that failed in another collective, e.g. a point-to-point exchange with the dead
+rank, waits on the same culprit). Nothing is
 written to the store while training runs normally.
 
 [Note: abandoning a failed group]
@@ -48,16 +50,23 @@ def _store() -> Optional[dist.Store]:
 
 
 def missing_ranks(seq: int, rank: int, world_size: int, probe_s: float = PROBE_SECONDS) -> Optional[list[int]]:
-    """Ranks of the group that did not reach collective ``seq`` within ``probe_s``; None if unknowable."""
+    """Ranks of the group that neither reached collective ``seq`` nor failed in a collective of their
+    own within ``probe_s`` (the dead or stuck ones); None if unknowable.
+
+    A survivor can fail in an earlier collective than this rank (a point-to-point exchange
+    with the dead rank, say): it is waiting on the same culprit, so it is not named.
+    """
     store = _store()
     if store is None:
         return None
-    prefix = f"sharded_fused_adam/reached/{seq}/"
+    prefix, failed = f"sharded_fused_adam/reached/{seq}/", "sharded_fused_adam/failed/"
     try:
         store.set(prefix + str(rank), "1")
+        store.set(failed + str(rank), str(seq))
         deadline = time.monotonic() + probe_s
         while True:
-            missing = [r for r in range(world_size) if not store.check([prefix + str(r)])]
+            missing = [r for r in range(world_size)
+                       if not store.check([prefix + str(r)]) and not store.check([failed + str(r)])]
             if not missing or time.monotonic() >= deadline:
                 return missing
             time.sleep(0.05)
