@@ -323,7 +323,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._grads.scale_(multiplier)
         masks = [mask for _, mask in self._bucket_masks(has_grad)]
         wanted = self._param_gather.gather_order([b for b, mask in enumerate(masks) if any(mask)])
-        for b in wanted + [b for b in range(len(masks)) if b not in set(wanted)]:
+        started = set(wanted)
+        for b in wanted + [b for b in range(len(masks)) if b not in started]:
             bucket, mask = self._buckets[b], masks[b]
             if self.param_groups[bucket.group_index]["amsgrad"]:
                 bucket.ensure_amsgrad_buffer()  # on every rank, even one whose shard is all padding
