@@ -23,12 +23,12 @@ class (other libraries' tensor subclasses) are not watched: for them only
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["GradWatch", "raw_grad", "set_raw_grad", "watch", "unwatch", "READ_NONE_WARNING"]
+__all__ = ["GradWatch", "raw_grad", "set_raw_grad", "watch", "READ_NONE_WARNING"]
 
 _GRAD = torch._C.TensorBase.__dict__["grad"]
 
@@ -137,12 +137,3 @@ def watch(params: Iterable[torch.Tensor], grad_watch: GradWatch) -> int:
         setattr(p, _ATTR, grad_watch)
         num += 1
     return num
-
-
-def unwatch(params: Iterable[Any]) -> None:
-    """Undo ``watch``: the params get their own class back."""
-    for p in params:
-        plain = _PLAIN.get(type(p))
-        if plain is not None:
-            p.__class__ = plain
-            p.__dict__.pop(_ATTR, None)
