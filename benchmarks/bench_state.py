@@ -28,7 +28,7 @@ from bench_kernel import param_sizes  # noqa: E402
 from report import md_table  # noqa: E402
 from runner import REPO, machine_facts, write_json  # noqa: E402
 
-import sharded_fused_adam.bucket as bucket_module  # noqa: E402
+import sharded_fused_adam.core.bucket as bucket_module  # noqa: E402
 from sharded_fused_adam import ShardedFusedAdam  # noqa: E402
 
 # (label, param dtype, master_weights, state_dtype)

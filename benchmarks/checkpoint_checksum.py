@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sharded_fused_adam import ShardedFusedAdam, load_sharded, save_sharded
-from sharded_fused_adam.checkpoint_reader import CheckpointReader
+from sharded_fused_adam.checkpoint.reader import CheckpointReader
 
 
 def _best(fn, repeat: int) -> float:

@@ -98,7 +98,7 @@ def _sync(device: torch.device) -> None:
 
 def _ops(flat: torch.Tensor, rank: int, world_size: int) -> dict[str, Callable[[], None]]:
     """Each op as a closure that starts its collectives and waits for them."""
-    from sharded_fused_adam.comm import CommCounter, SendRecv
+    from sharded_fused_adam.comm.plans import CommCounter, SendRecv
 
     shard = flat.numel() // world_size
     out = torch.empty(shard, dtype=flat.dtype, device=flat.device)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sharded_fused_adam.convert.deepspeed_write import write_deepspeed
-from sharded_fused_adam.convert.state import NamedState, ParamState, Piece, StateTensor
+from sharded_fused_adam.checkpoint.convert.deepspeed_write import write_deepspeed
+from sharded_fused_adam.checkpoint.convert.state import NamedState, ParamState, Piece, StateTensor
 
 
 class _Pattern:
@@ -57,7 +57,7 @@ def fabricate(folder: Path, *, numel: int, num_params: int, world_size: int) -> 
 
 # The child reports its own VmHWM: getrusage's ru_maxrss of a child also counts the pages it
 # shared with this parent between fork and exec.
-_CHILD = ("import sys; from sharded_fused_adam.checkpoint_cli import main; rc = main(sys.argv[1:]); "
+_CHILD = ("import sys; from sharded_fused_adam.checkpoint.cli import main; rc = main(sys.argv[1:]); "
           "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(rc)")
 
 

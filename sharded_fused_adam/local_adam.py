@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 
 from .kernels import KERNEL_NAMES, AdamKernel, select_kernel
-from .validation import adam_defaults, check_hyperparameters
+from .core.validation import adam_defaults, check_hyperparameters
 
 __all__ = ["FusedAdam"]
 

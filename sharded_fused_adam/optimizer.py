@@ -16,23 +16,23 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .bucket import Bucket, pack_buckets
-from .checkpoint import StateDictCalls, apply_state_dict, gather_state_dict
-from .clip import OWNER_ATTR
-from .comm import CommCounter, choose_comm_plan
-from .flat_buffer import check_unmoved
-from .grad_watch import READ_NONE_WARNING, GradWatch, watch
+from .core.bucket import Bucket, pack_buckets
+from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
+from .numerics.clip import OWNER_ATTR
+from .comm.plans import CommCounter, choose_comm_plan
+from .core.flat_buffer import check_unmoved
+from .grads.grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
-from .memory import MemoryReport, memory_report
+from .core.memory import MemoryReport, memory_report
 from .options import ShardingOptions
-from .param_gather import ParamGather
-from .precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
+from .comm.param_gather import ParamGather
+from .numerics.precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
                         report_to_grad_scaler)
-from .reducer import GradReducer
-from .replicated import ReplicatedGrads
-from .shard_state import ShardState
-from .startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
-from .validation import ParamRegistry, adam_defaults, check_hyperparameters, check_params
+from .grads.reducer import GradReducer
+from .grads.replicated import ReplicatedGrads
+from .checkpoint.state_view import ShardState
+from .comm.startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
+from .core.validation import ParamRegistry, adam_defaults, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 

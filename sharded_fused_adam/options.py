@@ -12,10 +12,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .comm import COMM_PLANS
-from .compact_state import MASTER_WEIGHTS
+from .comm.plans import COMM_PLANS
+from .core.compact_state import MASTER_WEIGHTS
 from .kernels import KERNEL_NAMES
-from .precision import LossScaler, make_loss_scaler
+from .numerics.precision import LossScaler, make_loss_scaler
 
 __all__ = ["ShardingOptions", "GRADIENT_MODES"]
 

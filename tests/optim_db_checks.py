@@ -3,7 +3,7 @@
 tests/test_torch_optim_db.py reads the inputs from ``torch.testing._internal.common_optimizers``
 and hands them here as plain data; this module does not import that package, so a rank
 forked by the harness does not pay for it (about 2.5 s). See [Note: torch's implementation
-flags] in sharded_fused_adam/validation.py for what each flag means here.
+flags] in sharded_fused_adam/core/validation.py for what each flag means here.
 """
 from __future__ import annotations
 

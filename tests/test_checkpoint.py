@@ -170,7 +170,7 @@ def test_bf16_masters_survive_both_formats_across_world_sizes(ranks, tmp_path):
 # ---- crash safety -------------------------------------------------------------------------
 
 def _die_while_saving(rank: int, world_size: int, folder: str, fmt: str) -> None:
-    import sharded_fused_adam.sharded_checkpoint as sc
+    import sharded_fused_adam.checkpoint.sharded as sc
 
     model = make_net()
     opt = ShardedFusedAdam(param_groups(model, "two"), **OPT)
@@ -261,7 +261,7 @@ def test_a_truncated_full_checkpoint_fails_clearly(saved):
 
 def test_consolidate_cli_writes_what_the_gathered_state_dict_holds(saved, tmp_path):
     out = tmp_path / "one.pt"
-    cli = [sys.executable, "-m", "sharded_fused_adam.checkpoint_cli"]
+    cli = [sys.executable, "-m", "sharded_fused_adam.checkpoint.cli"]
     run = subprocess.run([*cli, "consolidate", str(saved / "sharded"), str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     consolidated = torch.load(out, weights_only=True)

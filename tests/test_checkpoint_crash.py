@@ -15,7 +15,7 @@ import torch
 from conftest import RankFailed
 from helpers import batch, loss_fn, make_net, param_groups
 from sharded_fused_adam import ShardedFusedAdam, load_full, load_sharded, save_full, save_sharded
-from sharded_fused_adam.checkpoint_files import CRASH_EXIT_CODE, SAVE_FULL_STEPS, SAVE_STEPS
+from sharded_fused_adam.checkpoint.files import CRASH_EXIT_CODE, SAVE_FULL_STEPS, SAVE_STEPS
 
 OPT = dict(lr=1e-2, amsgrad=True)
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import RankFailed
 from helpers import batch, loss_fn, make_net
 from sharded_fused_adam import ShardedFusedAdam, save_sharded
-from sharded_fused_adam.checkpoint_lock import CheckpointLockedError, acquire
+from sharded_fused_adam.checkpoint.lock import CheckpointLockedError, acquire
 
 REPO = Path(__file__).resolve().parents[1]
 

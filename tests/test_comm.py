@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sharded_fused_adam.comm import AllReduceBroadcast, CommCounter, CommPlan, ScatterGather, choose_comm_plan
+from sharded_fused_adam.comm.plans import AllReduceBroadcast, CommCounter, CommPlan, ScatterGather, choose_comm_plan
 
 
 def _plan_rank(rank: int, world_size: int, requested: str, dtype: torch.dtype) -> dict:

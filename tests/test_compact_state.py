@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_fused_adam.compact_state import SplitMaster, join_fp32, resolve_master_weights, split_fp32
+from sharded_fused_adam.core.compact_state import SplitMaster, join_fp32, resolve_master_weights, split_fp32
 
 # Low halves around the rounding boundary, and upper halves where rounding carries into the
 # exponent (max subnormal, 1.0 - ulp, max finite -> inf), ±0, inf/NaN, even and odd.

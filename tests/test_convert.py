@@ -1,4 +1,4 @@
-"""The pure parts of sharded_fused_adam.convert: chunk boxes, streamed torch files, the
+"""The pure parts of sharded_fused_adam.checkpoint.convert: chunk boxes, streamed torch files, the
 completeness check, and our own formats through the ``convert`` command (no process group)."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from helpers import batch, loss_fn, make_net
 from sharded_fused_adam import ShardedFusedAdam, consolidate_sharded, save_sharded
-from sharded_fused_adam.checkpoint_cli import main as cli_main
-from sharded_fused_adam.convert import CheckpointError, check_complete, read_ours, read_torch
-from sharded_fused_adam.convert.dcp_chunks import boxes
-from sharded_fused_adam.convert.torch_files import load_lazy, placeholder, save_streamed
+from sharded_fused_adam.checkpoint.cli import main as cli_main
+from sharded_fused_adam.checkpoint.convert import CheckpointError, check_complete, read_ours, read_torch
+from sharded_fused_adam.checkpoint.convert.dcp_chunks import boxes
+from sharded_fused_adam.checkpoint.convert.torch_files import load_lazy, placeholder, save_streamed
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (1, 4, 1, 3)])

@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from sharded_fused_adam import ShardedFusedAdam
-from sharded_fused_adam.checkpoint_cli import main as cli_main
-from sharded_fused_adam.convert import CheckpointError, load_dcp, read_dcp, read_torch, save_dcp
-from sharded_fused_adam.convert.dcp_chunks import boxes
+from sharded_fused_adam.checkpoint.cli import main as cli_main
+from sharded_fused_adam.checkpoint.convert import CheckpointError, load_dcp, read_dcp, read_torch, save_dcp
+from sharded_fused_adam.checkpoint.convert.dcp_chunks import boxes
 
 BEFORE, AFTER, LR = 3, 2, 1e-2
 

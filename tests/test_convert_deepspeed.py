@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from sharded_fused_adam import ShardedFusedAdam, save_sharded
-from sharded_fused_adam.checkpoint_cli import main as cli_main
-from sharded_fused_adam.convert import (CheckpointError, load_named, read_deepspeed, read_ours, read_universal,
+from sharded_fused_adam.checkpoint.cli import main as cli_main
+from sharded_fused_adam.checkpoint.convert import (CheckpointError, load_named, read_deepspeed, read_ours, read_universal,
                                         write_deepspeed)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")

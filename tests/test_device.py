@@ -172,7 +172,7 @@ def test_every_available_kernel_matches_the_reference_on_the_device(device_type,
 
 
 def _moved_off_device(rank: int, world_size: int, device_type: str) -> str:
-    from sharded_fused_adam.flat_buffer import ParamMovedError
+    from sharded_fused_adam.core.flat_buffer import ParamMovedError
 
     dev = _device(device_type, rank)
     model = torch.nn.Linear(4, 3).to(dev)

@@ -60,7 +60,7 @@ def _killed_survivor(rank: int, world_size: int, folder: str) -> dict:
     opt.step()
     save_sharded(opt, Path(folder) / "ck")
     if rank == 1:
-        import sharded_fused_adam.sharded_checkpoint as sc
+        import sharded_fused_adam.checkpoint.sharded as sc
 
         def die(*args):
             os._exit(9)

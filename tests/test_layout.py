@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sharded_fused_adam.layout import ALIGN_NUMEL, BucketLayout, plan_buckets, kernel_segments
+from sharded_fused_adam.core.layout import ALIGN_NUMEL, BucketLayout, plan_buckets, kernel_segments
 
 
 def gpt2_small_numels() -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_fused_adam.layout import ALIGN_NUMEL, kernel_segments, plan_buckets
+from sharded_fused_adam.core.layout import ALIGN_NUMEL, kernel_segments, plan_buckets
 
 numels = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=40)
 

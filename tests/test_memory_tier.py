@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers import batch, loss_fn, make_net, param_groups
 from test_parity import CONFIGS
-import sharded_fused_adam.bucket as bucket_module
+import sharded_fused_adam.core.bucket as bucket_module
 from sharded_fused_adam import ShardedFusedAdam, consolidate_sharded, load_sharded, save_sharded
 
 STEPS = 6

@@ -310,7 +310,7 @@ def test_four_micro_batches_equal_one_big_batch(ranks, local):
 
 def _single_reduction_bytes() -> int:
     """Bytes of one all-reduce + one broadcast of every bucket of make_net() at 2 ranks."""
-    from sharded_fused_adam.layout import plan_buckets
+    from sharded_fused_adam.core.layout import plan_buckets
     params = list(make_net().parameters())
     numels = [(i, p.numel()) for i, p in reversed(list(enumerate(params)))]
     (bucket,) = plan_buckets(numels, world_size=2, bucket_numel=25 * 2**20 // 4)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharded_fused_adam import ShardedFusedAdam
-from sharded_fused_adam.comm import CommCounter, choose_comm_plan
-from sharded_fused_adam.param_gather import ParamGather
+from sharded_fused_adam.comm.plans import CommCounter, choose_comm_plan
+from sharded_fused_adam.comm.param_gather import ParamGather
 
 
 class _LatePeer:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sharded_fused_adam.precision import (DynamicLossScaler, LossScaler, clip_coefficient, local_stats,
+from sharded_fused_adam.numerics.precision import (DynamicLossScaler, LossScaler, clip_coefficient, local_stats,
                                           make_loss_scaler, read_stats)
 
 

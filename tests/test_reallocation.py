@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sharded_fused_adam import ShardedFusedAdam
-from sharded_fused_adam.flat_buffer import ParamMovedError
+from sharded_fused_adam.core.flat_buffer import ParamMovedError
 
 
 def _model_and_opt():

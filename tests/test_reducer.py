@@ -8,9 +8,9 @@ import torch.distributed as dist
 
 from helpers import batch, loss_fn, make_net
 from sharded_fused_adam import ShardedFusedAdam
-from sharded_fused_adam.bucket import pack_buckets
-from sharded_fused_adam.comm import CommCounter, choose_comm_plan
-from sharded_fused_adam.reducer import GradReducer
+from sharded_fused_adam.core.bucket import pack_buckets
+from sharded_fused_adam.comm.plans import CommCounter, choose_comm_plan
+from sharded_fused_adam.grads.reducer import GradReducer
 
 
 def _setup(rank: int, bucket_cap_mb: float = 1e-3, **kwargs):

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from sharded_fused_adam.layout import plan_buckets  # noqa: E402
+from sharded_fused_adam.core.layout import plan_buckets  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]

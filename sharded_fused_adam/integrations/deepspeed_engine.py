@@ -24,7 +24,7 @@ import functools
 from typing import Any, Optional
 
 from ..optimizer import ShardedFusedAdam
-from ..precision import DynamicLossScaler, LossScaler, StaticLossScaler
+from ..numerics.precision import DynamicLossScaler, LossScaler, StaticLossScaler
 from .deepspeed_modes import OPTIMIZER_NAMES, mode_for_engine, pending_loss_scale
 
 __all__ = ["install"]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..local_adam import FusedAdam
 from ..optimizer import ShardedFusedAdam
-from ..precision import LossScaler
+from ..numerics.precision import LossScaler
 
 __all__ = ["OPTIMIZER_NAMES", "ShardedMode", "DelegatedMode", "DeepSpeedShardedFusedAdam", "zero_stage",
            "mode_for_config", "optimizer_type", "mode_for_engine", "pending_loss_scaler", "pending_loss_scale"]

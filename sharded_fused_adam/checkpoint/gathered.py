@@ -21,12 +21,12 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
-from .bucket import STATE_KEYS, Bucket
-from .checkpoint_files import CheckpointError, CheckpointFileMissing, ChecksumFile, crash_point, crc32_of, fsync_dir
-from .comm import CommPlan
-from .failures import CollectiveError, store_rendezvous
-from .shard_state import ShardState
-from .validation import check_hyperparameters
+from ..core.bucket import STATE_KEYS, Bucket
+from .files import CheckpointError, CheckpointFileMissing, ChecksumFile, crash_point, crc32_of, fsync_dir
+from ..comm.plans import CommPlan
+from ..comm.failures import CollectiveError, store_rendezvous
+from .state_view import ShardState
+from ..core.validation import check_hyperparameters
 
 __all__ = [
     "HasShardState",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint_files import CheckpointError
+from .files import CheckpointError
 
 __all__ = ["CheckpointLockedError", "DirectoryLock", "acquire", "job_identity", "HEARTBEAT_S", "STALE_AFTER_S"]
 

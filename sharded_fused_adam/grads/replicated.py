@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bucket import LOW_PRECISION, Bucket
-from .comm import CommPlan, Pending
+from ..core.bucket import LOW_PRECISION, Bucket
+from ..comm.plans import CommPlan, Pending
 from .grad_watch import raw_grad, set_raw_grad
 from .reducer import SyncSwitch, register_grad_hook
 

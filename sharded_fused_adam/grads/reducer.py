@@ -36,8 +36,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .bucket import LOW_PRECISION, Bucket
-from .comm import CommPlan, Pending
+from ..core.bucket import LOW_PRECISION, Bucket
+from ..comm.plans import CommPlan, Pending
 from .grad_watch import GradWatch, raw_grad, set_raw_grad
 
 __all__ = ["GradReducer", "find_ddp", "register_grad_hook", "SyncSwitch"]

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import CommPlan
+from .plans import CommPlan
 
 __all__ = ["require_process_group", "describe_params", "agree_on_layout", "broadcast_params", "newly_trainable"]
 

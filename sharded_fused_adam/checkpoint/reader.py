@@ -25,8 +25,8 @@ from typing import Any, Union
 
 import torch
 
-from .bucket import STATE_KEYS
-from .checkpoint_files import CheckpointError, CheckpointFileMissing, committed_versions, version_name
+from ..core.bucket import STATE_KEYS
+from .files import CheckpointError, CheckpointFileMissing, committed_versions, version_name
 
 __all__ = ["CheckpointReader", "SHARDED_FORMAT", "SHARDED_VERSION", "canonical_json"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..checkpoint import HasShardState, merged_groups, saved_groups
+from ..gathered import HasShardState, merged_groups, saved_groups
 from .apply import Names, param_fqns
 from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata, storage_writer
 from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState,

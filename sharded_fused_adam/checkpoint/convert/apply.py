@@ -11,8 +11,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..checkpoint import HasShardState, assemble_shard, merged_groups
-from ..shard_state import ShardState
+from ..gathered import HasShardState, assemble_shard, merged_groups
+from ..state_view import ShardState
 from .state import CheckpointError, NamedState, check_complete, group_hyperparameters
 
 __all__ = ["param_fqns", "load_named"]

@@ -33,14 +33,14 @@ from typing import Union
 
 import torch
 
-from .bucket import STATE_KEYS
-from .checkpoint import (FORMAT_VERSION, HasShardState, assemble_shard, check_state_fits, merged_groups,
+from ..core.bucket import STATE_KEYS
+from .gathered import (FORMAT_VERSION, HasShardState, assemble_shard, check_state_fits, merged_groups,
                          saved_groups)
-from .checkpoint_files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, crash_point,
+from .files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, crash_point,
                                fsync_dir, recover, version_name, write_atomic)
-from .checkpoint_lock import CheckpointLockedError, acquire
-from .checkpoint_reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
-from .shard_state import ShardState
+from .lock import CheckpointLockedError, acquire
+from .reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
+from .state_view import ShardState
 
 __all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointFileMissing",
            "CheckpointLockedError", "CheckpointReader", "SAVE_STEPS"]

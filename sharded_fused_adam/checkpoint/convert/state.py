@@ -18,7 +18,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from ..sharded_checkpoint import CheckpointError
+from ..sharded import CheckpointError
 
 __all__ = ["Piece", "StateTensor", "ParamState", "NamedState", "check_complete", "HYPERPARAMETERS",
            "MOMENT_KEYS", "CheckpointError"]

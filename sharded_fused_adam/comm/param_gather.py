@@ -44,7 +44,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .comm import CommPlan, Pending
+from .plans import CommPlan, Pending
 
 __all__ = ["ParamGather"]
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .bucket import Bucket
-from .comm import CommPlan
-from .precision import LossScaler
+from ..core.bucket import Bucket
+from ..comm.plans import CommPlan
+from ..numerics.precision import LossScaler
 
 __all__ = ["ShardState"]
 

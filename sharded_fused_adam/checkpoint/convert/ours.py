@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..checkpoint import FORMAT_VERSION
-from ..checkpoint_files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
-from ..checkpoint_reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
+from ..gathered import FORMAT_VERSION
+from ..files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
+from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
     group_hyperparameters

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .convert import cli as convert_cli
-from .sharded_checkpoint import CheckpointReader, consolidate_sharded
+from .sharded import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
 

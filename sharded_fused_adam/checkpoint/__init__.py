@@ -1,0 +1,1 @@
+"""Gathered and sharded checkpoints, their files, lock and reader, and offline conversion."""

@@ -1,0 +1,1 @@
+"""Every collective the optimizer issues, failure naming, start-up agreement, parameter gathers."""

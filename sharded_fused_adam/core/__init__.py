@@ -1,0 +1,1 @@
+"""Shard math, flat buffers, per-rank bucket state and its storage (no collectives)."""

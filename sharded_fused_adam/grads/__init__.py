@@ -1,0 +1,1 @@
+"""How averaged gradients reach the shards: sharded (ZeRO-2) and replicated (ZeRO-1) strategies."""

@@ -1,0 +1,1 @@
+"""Loss scaling, overflow statistics and gradient clipping."""
