@@ -16,9 +16,10 @@ import torch
 
 from conftest import run_ranks
 from helpers import batch, loss_fn, make_net, param_groups
-from sharded_fused_adam import (CheckpointError, ShardedFusedAdam, checkpoint_cli, consolidate_sharded, load_full,
+from sharded_fused_adam import (CheckpointError, ShardedFusedAdam, consolidate_sharded, load_full,
                                 load_sharded, save_full, save_sharded)
 from sharded_fused_adam.checkpoint.files import CheckpointFileMissing
+from sharded_fused_adam.checkpoint import cli as checkpoint_cli
 
 OPT = dict(lr=1e-2, weight_decay=0.05, amsgrad=True)
 
