@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 
 from .kernels import KERNEL_NAMES, AdamKernel, select_kernel
-from .core.validation import adam_defaults, check_hyperparameters
+from .kernels.rule import ADAM, adam_defaults, check_hyperparameters
 
 __all__ = ["FusedAdam"]
 
@@ -129,13 +129,11 @@ class FusedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = (float(b) for b in group["betas"])
+            scalars = ADAM.kernel_scalars(group)
             for (device, _), batch in self._collect(group).items():
                 self._kernel(device).adam_step(
                     batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
-                    batch.steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
-                    decoupled=group["decoupled_weight_decay"], maximize=group["maximize"])
+                    batch.steps, **scalars)
                 for param, updated in batch.write_back:
                     param.copy_(updated)
         return loss
@@ -150,7 +148,7 @@ class FusedAdam(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError("FusedAdam does not support sparse gradients (e.g. use "
                                    "nn.Embedding(sparse=False) or torch.optim.SparseAdam)")
-            state = self._state_for(p, group["amsgrad"])
+            state = self._state_for(p, group)
             state["step"] += 1
             batch = batches.get((p.device, p.dtype))
             if batch is None:
@@ -162,19 +160,17 @@ class FusedAdam(torch.optim.Optimizer):
                 batch.write_back.append((p, target))
             batch.params.append(target.view(-1))
             batch.grads.append(grad.contiguous().view(-1))
-            batch.exp_avgs.append(state["exp_avg"].view(-1))
-            batch.exp_avg_sqs.append(state["exp_avg_sq"].view(-1))
-            if group["amsgrad"]:
-                batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"].view(-1))
+            # the rule's keys come in the order of the kernel's state arguments (kernels/rule.py)
+            for key, tensors in zip(ADAM.keys_for(group), (batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs)):
+                tensors.append(state[key].view(-1))
             batch.steps.append(int(state["step"].item()))
         return batches
 
-    def _state_for(self, p: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
+    def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        for key in ADAM.keys_for(group):  # created lazily, as torch.optim.Adam does
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state

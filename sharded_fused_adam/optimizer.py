@@ -32,7 +32,8 @@ from .grads.reducer import GradReducer
 from .grads.replicated import ReplicatedGrads
 from .checkpoint.state_view import ShardState
 from .comm.startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
-from .core.validation import ParamRegistry, adam_defaults, check_hyperparameters, check_params
+from .core.validation import ParamRegistry, check_params
+from .kernels.rule import ADAM, adam_defaults, check_hyperparameters
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 
@@ -62,7 +63,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         maximize: ascend the gradient instead of descending, as torch.optim.Adam's.
         decoupled_weight_decay: torch.optim.Adam's name for ``adamw`` (either turns it on).
         foreach: always fused here, so ``True`` warns (see [Note: torch's implementation
-            flags] in validation.py).
+            flags] in kernels/rule.py).
         fused: ``None``/``True`` is what this optimizer does; ``False`` warns.
         capturable: ``True`` (CUDA-graph capture of ``step()``) raises NotImplementedError.
         differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
@@ -338,10 +339,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
 
     def _run_kernel(self, bucket: Bucket, segments: list[tuple[int, int, int]]) -> None:
         g = self.param_groups[bucket.group_index]
-        bucket.update(segments, self._kernel.adam_step, lr=float(g["lr"]), beta1=float(g["betas"][0]),
-                      beta2=float(g["betas"][1]), eps=float(g["eps"]), weight_decay=float(g["weight_decay"]),
-                      amsgrad=bool(g["amsgrad"]), decoupled=bool(g["decoupled_weight_decay"]),
-                      maximize=bool(g["maximize"]))
+        bucket.update(segments, self._kernel.adam_step, **ADAM.kernel_scalars(g))
 
     def _gather_params(self) -> None:
         self._param_gather.release()  # waits here for the gathers unless overlap_param_gather

@@ -21,12 +21,12 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
-from ..core.bucket import STATE_KEYS, Bucket
 from .files import CheckpointError, CheckpointFileMissing, ChecksumFile, crash_point, crc32_of, fsync_dir
 from ..comm.plans import CommPlan
 from ..comm.failures import CollectiveError, store_rendezvous
+from .staging import StagedLoad
 from .state_view import ShardState
-from ..core.validation import check_hyperparameters
+from ..kernels.rule import ADAM, TORCH_IMPLEMENTATION_FLAGS, check_hyperparameters
 
 __all__ = [
     "HasShardState",
@@ -35,17 +35,14 @@ __all__ = [
     "saved_groups",
     "merged_groups",
     "check_state_fits",
-    "assemble_shard",
     "require_every_rank",
     "StateDictCalls",
     "save_full",
     "load_full",
-    "STATE_KEYS",
     "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
-_TORCH_IMPLEMENTATION_KEYS = ("foreach", "capturable", "differentiable", "fused")
 
 
 class HasShardState(Protocol):
@@ -164,7 +161,7 @@ def merged_groups(shards: ShardState, saved: list[dict]) -> list[dict]:
             raise ValueError(f"param group {gi} of the state dict has {len(saved_group['params'])} params, "
                              f"the optimizer's has {len(group['params'])}")
         merged = {k: copy.deepcopy(v) for k, v in saved_group.items()
-                  if k not in ("params", *_TORCH_IMPLEMENTATION_KEYS)}
+                  if k not in ("params", *TORCH_IMPLEMENTATION_FLAGS)}
         merged.setdefault("decoupled_weight_decay", group["decoupled_weight_decay"])
         merged.setdefault("maximize", False)  # torch's default for dicts saved before it existed
         merged["params"] = group["params"]
@@ -186,31 +183,14 @@ def check_state_fits(shards: ShardState, state: dict) -> None:
         if not isinstance(index, int) or index not in shapes:
             raise ValueError(f"state dict has state for param {index!r}, but the optimizer has params "
                              f"0..{len(shapes) - 1}")
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ADAM.moment_keys:
             if key not in entry:
                 raise ValueError(f"state of param {index} has no {key!r}")
-        for key in STATE_KEYS:
+        for key in ADAM.checkpoint_keys:
             value = entry.get(key)
             if value is not None and tuple(value.shape) != tuple(shapes[index]):
                 raise ValueError(f"state of param {index}: {key} has shape {tuple(value.shape)}, the param "
                                  f"has shape {tuple(shapes[index])} (a state dict from a different model?)")
-
-
-PieceReader = Callable[[int, int, int, torch.Tensor], bool]
-
-
-def assemble_shard(bucket: Bucket, like: torch.Tensor, read: PieceReader) -> Optional[torch.Tensor]:
-    """This rank's shard of one state tensor, built on the CPU from per-param pieces.
-
-    ``read(param_index, start, end, out)`` fills ``out`` with elements ``[start, end)`` of
-    that param's flattened saved tensor and returns False if the param has none. Returns
-    None if no param of the bucket had one (the caller then keeps the default).
-    """
-    staged = torch.zeros(like.shape, dtype=like.dtype)
-    found = False
-    for frag in bucket.fragments:
-        found |= read(frag.index, frag.param_start, frag.param_end, staged.narrow(0, frag.shard_offset, frag.numel))
-    return staged if found else None
 
 
 @torch.no_grad()
@@ -232,27 +212,17 @@ def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
     state = {remap.get(k, k): v for k, v in state_dict["state"].items()}
     check_state_fits(shards, state)
 
-    def reader(key: str) -> PieceReader:
-        def read(index: int, start: int, end: int, out: torch.Tensor) -> bool:
-            value = state.get(index, {}).get(key)
-            if value is None:
-                return False
-            out.copy_(value.detach().reshape(-1)[start:end])
-            return True
-        return read
+    def read(key: str, index: int, start: int, end: int, out: torch.Tensor) -> bool:
+        value = state.get(index, {}).get(key)
+        if value is None:
+            return False
+        out.copy_(value.detach().reshape(-1)[start:end])
+        return True
 
-    staged = []
-    for bucket in shards.buckets:
-        keys = [k for k in STATE_KEYS if any(k in state.get(s.index, {}) for s in bucket.layout.slots)]
-        pieces = {k: assemble_shard(bucket, bucket.state_template(k), reader(k)) for k in keys}
-        steps = [int(float(state.get(s.index, {}).get("step", 0))) for s in bucket.layout.slots]
-        staged.append((steps, {k: v for k, v in pieces.items() if v is not None}))
-    shards.param_groups[:] = new_groups
-    for bucket, (steps, pieces) in zip(shards.buckets, staged):
-        bucket.load_state(steps, pieces)
-    extra = state_dict.get("sharded_fused_adam", {})
-    if "loss_scaler" in extra:
-        shards.loss_scaler.load_state_dict(extra["loss_scaler"])
+    staging = StagedLoad(shards)  # see [Note: staged load]
+    staging.fill(read)
+    staging.commit(new_groups, lambda i: int(float(state.get(i, {}).get("step", 0))),
+                   state_dict.get("sharded_fused_adam", {}).get("loss_scaler"))
 
 
 def _state_crcs(state: dict) -> dict:

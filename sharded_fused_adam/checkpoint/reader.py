@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import torch
 
-from ..core.bucket import STATE_KEYS
+from ..kernels.rule import ADAM
 from .files import CheckpointError, CheckpointFileMissing, committed_versions, version_name
 
 __all__ = ["CheckpointReader", "SHARDED_FORMAT", "SHARDED_VERSION", "canonical_json"]
@@ -205,7 +205,7 @@ class CheckpointReader:
     def _add_piece(self, file: Path, i: int, piece: Any, chunks: list, binary: Path) -> None:
         ok = isinstance(piece, list) and len(piece) == 6
         param, key, dtype, start, end, offset = piece if ok else (None,) * 6
-        if not ok or param not in self.shapes or key not in STATE_KEYS or dtype not in _DTYPES:
+        if not ok or param not in self.shapes or key not in ADAM.checkpoint_keys or dtype not in _DTYPES:
             raise CheckpointError(f"{file}: field pieces[{i}] = {piece} is not [param, key, dtype, start, end, "
                                   f"byte offset] with a known param, state key and dtype")
         numel = math.prod(self.shapes[param])
@@ -232,7 +232,7 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.folder}: the pieces of {key} of param {param} cover {covered} of its "
                                       f"{math.prod(self.shapes[param])} elements in dtypes {sorted(dtypes)}")
         for param, step in self.steps.items():
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in ADAM.moment_keys:
                 if step > 0 and (param, key) not in self.pieces:
                     raise CheckpointError(f"{self.folder / 'metadata.json'}: field params[{param}].step is {step} "
                                           f"but no rank file holds its {key}")

@@ -33,13 +33,14 @@ from typing import Union
 
 import torch
 
-from ..core.bucket import STATE_KEYS
-from .gathered import (FORMAT_VERSION, HasShardState, assemble_shard, check_state_fits, merged_groups,
+from ..kernels.rule import ADAM
+from .gathered import (FORMAT_VERSION, HasShardState, check_state_fits, merged_groups,
                          saved_groups)
 from .files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, crash_point,
                                fsync_dir, recover, version_name, write_atomic)
 from .lock import CheckpointLockedError, acquire
 from .reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
+from .staging import StagedLoad
 from .state_view import ShardState
 
 __all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointFileMissing",
@@ -136,7 +137,7 @@ def _write_rank_files(shards: ShardState, folder: Path) -> None:
                     pieces.append([frag.index, key, str(data.dtype).removeprefix("torch."),
                                    frag.param_start, frag.param_end,
                                    offset + frag.shard_offset * data.element_size()])
-                if b == 0 and key == "exp_avg":
+                if b == 0 and key == ADAM.moment_keys[0]:
                     f.flush()
                     crash_point("rank_file_partial", shards.rank)
     index = {"format": SHARDED_FORMAT, "rank": shards.rank, "world_size": shards.world_size, "nbytes": f.nbytes,
@@ -172,7 +173,7 @@ def _shapes_state(reader: CheckpointReader) -> dict:
     for p in reader.meta["params"]:
         if p["step"] > 0:
             fake = torch.empty(p["shape"], device="meta")
-            state[p["index"]] = {"exp_avg": fake, "exp_avg_sq": fake}
+            state[p["index"]] = {key: fake for key in ADAM.moment_keys}
     return state
 
 
@@ -220,19 +221,9 @@ def load_sharded(opt: HasShardState, path: PathLike, *, verify: bool = True) -> 
     shards = opt.shard_state()
     reader = CheckpointReader(path, verify=verify)
     new_groups = _check_model(shards, reader)
-    staged = []
-    for bucket in shards.buckets:
-        pieces = {}
-        for key in STATE_KEYS:
-            piece = assemble_shard(bucket, bucket.state_template(key),
-                                   lambda i, a, b, out, key=key: reader.read(i, key, a, b, out))
-            if piece is not None:
-                pieces[key] = piece
-        staged.append(([reader.steps[s.index] for s in bucket.layout.slots], pieces))
-    shards.param_groups[:] = new_groups
-    for bucket, (bucket_steps, pieces) in zip(shards.buckets, staged):
-        bucket.load_state(bucket_steps, pieces)
-    shards.loss_scaler.load_state_dict(reader.common["loss_scaler"])
+    staging = StagedLoad(shards)  # see [Note: staged load]
+    staging.fill(lambda key, index, start, end, out: reader.read(index, key, start, end, out))
+    staging.commit(new_groups, reader.steps.__getitem__, reader.common["loss_scaler"])
 
 
 def consolidate_sharded(path: PathLike) -> dict:
@@ -255,7 +246,7 @@ def consolidate_sharded(path: PathLike) -> dict:
         for d in p["shape"]:
             numel *= d
         entry = {"step": torch.tensor(float(p["step"]), dtype=torch.float32)}
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+        for key in ADAM.checkpoint_keys:
             if reader.has(p["index"], key):
                 dtype = reader.pieces[(p["index"], key)][0][4]
                 full = torch.zeros(numel, dtype=getattr(torch, dtype))

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..kernels.rule import ADAM, MASTER_KEY
 from .compact_state import CHUNK_NUMEL, SplitMaster, resolve_master_weights
 from .flat_buffer import FlatParamBuffer
 from .layout import BucketLayout, kernel_segments, plan_buckets
@@ -38,9 +39,9 @@ from .layout import BucketLayout, kernel_segments, plan_buckets
 __all__ = ["Bucket", "LOW_PRECISION", "MOMENT_KEYS", "STATE_KEYS", "pack_buckets"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Per-param state tensors a checkpoint holds, in torch.optim.Adam's names (plus our fp32 master).
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-MOMENT_KEYS = STATE_KEYS[:3]
+# Per-param state tensors a checkpoint holds: the update rule's, plus our fp32 master.
+STATE_KEYS = ADAM.checkpoint_keys
+MOMENT_KEYS = ADAM.state_keys
 
 
 class SegmentViews(NamedTuple):

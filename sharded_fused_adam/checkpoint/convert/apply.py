@@ -1,8 +1,8 @@
 """Load a ``NamedState`` into a live optimizer's shards, each rank reading only the ranges it owns.
 
-Not a collective: every rank maps its own fragments onto the checkpoint's pieces (the same
-``assemble_shard`` seam the sharded format uses), validates everything first and writes
-through ``Bucket.load_state`` only when all of it was read.
+Not a collective: every rank maps its own fragments onto the checkpoint's pieces through the
+staged-load skeleton every loader shares (see [Note: staged load] in staging.py): everything is
+validated first and written through ``Bucket.load_state`` only when all of it was read.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..gathered import HasShardState, assemble_shard, merged_groups
+from ...kernels.rule import MASTER_KEY
+from ..gathered import HasShardState, merged_groups
+from ..staging import StagedLoad
 from ..state_view import ShardState
 from .state import CheckpointError, NamedState, check_complete, group_hyperparameters
 
@@ -97,24 +99,14 @@ def load_named(opt: HasShardState, state: NamedState, names: Optional[Names] = N
         new_groups = merged_groups(shards, _saved_groups(shards, state, fqns))
     except ValueError as exc:
         raise CheckpointError(f"{state.source}: {exc}") from exc
-    staged = []
-    for bucket in shards.buckets:
-        pieces = {}
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
-            def read(index: int, start: int, end: int, out: torch.Tensor, key: str = key) -> bool:
-                name = fqns[index]
-                tensor = (state.weights.get(name) if key == "master_param"
-                          else state.params[name].tensors.get(key))
-                if tensor is None:
-                    return False
-                tensor.read(start, end, out)
-                return True
-            if key == "master_param" and not bucket.is_low_precision:
-                continue
-            piece = assemble_shard(bucket, bucket.exp_avg, read)
-            if piece is not None:
-                pieces[key] = piece
-        staged.append(([state.params[fqns[s.index]].step for s in bucket.layout.slots], pieces))
-    shards.param_groups[:] = new_groups
-    for bucket, (steps, pieces) in zip(shards.buckets, staged):
-        bucket.load_state(steps, pieces)
+    def read(key: str, index: int, start: int, end: int, out: torch.Tensor) -> bool:
+        name = fqns[index]
+        tensor = state.weights.get(name) if key == MASTER_KEY else state.params[name].tensors.get(key)
+        if tensor is None:
+            return False
+        tensor.read(start, end, out)
+        return True
+
+    staging = StagedLoad(shards)  # see [Note: staged load]
+    staging.fill(read)
+    staging.commit(new_groups, lambda i: state.params[fqns[i]].step)

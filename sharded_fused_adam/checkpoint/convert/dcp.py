@@ -17,10 +17,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from ...core.bucket import Bucket
+from ...kernels.rule import ADAM
 from ..gathered import HasShardState, merged_groups, saved_groups
+from ..staging import StagedLoad, staged_keys
 from .apply import Names, param_fqns
 from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata, storage_writer
-from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState,
+from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MASTER_KEY, MOMENT_KEYS, SHAPE_KEY, CheckpointError, NamedState, ParamState,
                     Piece, StateTensor, check_complete)
 
 __all__ = ["save_dcp", "load_dcp", "read_dcp", "write_dcp"]
@@ -77,7 +80,7 @@ def _describe(path: PathLike, prefix: str) -> tuple[dict[str, dict[str, Any]], l
     for key, value in md.items():
         if key.startswith(head):
             fqn, _, name = key[len(head):].rpartition(".")
-            if name in MOMENT_KEYS + ("step", "master_param"):
+            if name in MOMENT_KEYS + ("step", MASTER_KEY):
                 entries.setdefault(fqn, {})[name] = value
     if not entries:
         raise CheckpointError(f"{path}/.metadata has no optimizer state under {head!r}*")
@@ -98,7 +101,7 @@ def _check(path: PathLike, entries: dict, groups: list[dict], required: list[str
     amsgrad = {n: bool(g.get("amsgrad")) for g in groups for n in g["params"]}
     for fqn in required:
         have = entries.get(fqn, {})
-        needed = ["exp_avg", "exp_avg_sq", "step"] + (["max_exp_avg_sq"] if amsgrad.get(fqn) else [])
+        needed = [*ADAM.keys_for({"amsgrad": amsgrad.get(fqn)}), "step"]
         for k in needed:
             if k not in have:
                 raise CheckpointError(f"{path}/.metadata: param {fqn!r} has no {k!r} (found {sorted(have)})")
@@ -122,26 +125,21 @@ def load_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
     trainable = sorted({s.index for b in shards.buckets for s in b.layout.slots})
     _check(path, entries, groups, [fqns[i] for i in trainable])
     for i in trainable:
-        saved = entries[fqns[i]]["exp_avg"].size
+        saved = entries[fqns[i]][SHAPE_KEY].size
         if tuple(saved) != tuple(shapes[i]):
             raise CheckpointError(f"{path}/.metadata: param {fqns[i]!r} has shape {tuple(saved)}, the model's "
                                   f"{tuple(shapes[i])}")
-    wanted: dict[str, Any] = {}
-    staged = []
-    for bucket in shards.buckets:
-        keys = [k for k in bucket.state_shards()
-                if k != "master_param" or all("master_param" in entries[fqns[s.index]] for s in bucket.layout.slots)]
-        keys += ["max_exp_avg_sq"] if "max_exp_avg_sq" not in keys and all(
-            "max_exp_avg_sq" in entries[fqns[s.index]] for s in bucket.layout.slots) else []
-        pieces = {k: torch.zeros(bucket.exp_avg.shape, dtype=torch.float32) for k in keys}
-        for slot, s in enumerate(bucket.layout.slots):
-            wanted[f"{prefix}state.{fqns[s.index]}.step"] = torch.tensor(0.0)
-        for frag in bucket.fragments:
-            shape = bucket.params[frag.slot].shape
-            for k, buf in pieces.items():
-                view = buf.narrow(0, frag.shard_offset, frag.numel)
-                wanted[f"{prefix}state.{fqns[frag.index]}.{k}"] = FlatChunks(shape, view, frag.param_start, buf.dtype)
-        staged.append((bucket, pieces))
+    def keys(bucket: Bucket) -> list[str]:  # the moments always (checked above); the rest where every param has it
+        return [k for k in staged_keys(bucket)
+                if k in ADAM.moment_keys or all(k in entries[fqns[s.index]] for s in bucket.layout.slots)]
+
+    staging = StagedLoad(shards, keys)  # see [Note: staged load]
+    wanted: dict[str, Any] = {f"{prefix}state.{fqns[s.index]}.step": torch.tensor(0.0)
+                              for bucket in shards.buckets for s in bucket.layout.slots}
+    for v in staging.views():
+        shape = v.bucket.params[v.fragment.slot].shape
+        wanted[f"{prefix}state.{fqns[v.fragment.index]}.{v.key}"] = FlatChunks(shape, v.out, v.fragment.param_start,
+                                                                                v.out.dtype)
     load_values(path, wanted, shards.plan.group, no_dist=shards.world_size == 1)
     by_name = {n: g for g in groups for n in g["params"]}
     saved = []
@@ -152,10 +150,7 @@ def load_dcp(opt: HasShardState, path: PathLike, names: Optional[Names] = None, 
         new_groups = merged_groups(shards, saved)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    shards.param_groups[:] = new_groups
-    for bucket, pieces in staged:
-        steps = [int(wanted[f"{prefix}state.{fqns[s.index]}.step"].item()) for s in bucket.layout.slots]
-        bucket.load_state(steps, pieces)
+    staging.commit(new_groups, lambda i: int(wanted[f"{prefix}state.{fqns[i]}.step"].item()))
 
 
 class _DCPTensor:
@@ -183,14 +178,14 @@ def read_dcp(path: PathLike, *, key: str = "optimizer") -> NamedState:
     params, weights = {}, {}
     where = f"{os.fspath(path)}/.metadata"
     for fqn, e in entries.items():
-        shape = e["exp_avg"].size if "exp_avg" in e else torch.Size([-1])
+        shape = e[SHAPE_KEY].size if SHAPE_KEY in e else torch.Size([-1])
         tensors = {k: StateTensor(md.size.numel(), md.properties.dtype,
                                   (Piece(0, md.size.numel(), _DCPTensor(path, f"{prefix}state.{fqn}.{k}", md)),), where)
                    for k, md in e.items() if k in MOMENT_KEYS}
         step_key = f"{prefix}state.{fqn}.step"
         params[fqn] = ParamState(fqn, shape, int(steps[step_key].item()) if step_key in steps else None, tensors, where)
-        if "master_param" in e:
-            md = e["master_param"]
+        if MASTER_KEY in e:
+            md = e[MASTER_KEY]
             weights[fqn] = StateTensor(md.size.numel(), md.properties.dtype, (Piece(
                 0, md.size.numel(), _DCPTensor(path, f"{prefix}state.{fqn}.master_param", md)),), where)
     state = NamedState(params, groups, where, weights, {"masters": bool(weights)})
@@ -206,7 +201,7 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
         entry: dict[str, Any] = {"step": torch.tensor(float(p.step))}
         sources = dict(p.tensors)
         if state.extra.get("masters") and name in state.weights:
-            sources["master_param"] = state.weights[name]
+            sources[MASTER_KEY] = state.weights[name]
         for k, t in sources.items():
             entry[k] = FlatChunks(p.shape, lambda a, b, t=t: t.read(a, b, torch.empty(b - a)), 0, torch.float32)
         out[name] = entry

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .state import (MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete,
+from .state import (MOMENT_KEYS, SHAPE_KEY, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete,
                     group_hyperparameters)
 from .torch_files import LazyTensor, load_lazy
 
@@ -79,7 +79,7 @@ def _stage0(folder: Path, model_file: Path, model: dict, names: Optional[Sequenc
             raise CheckpointError(f"{model_file}: optimizer state for param {i}, which is in no param group")
         tensors = {k: StateTensor.whole(v, str(model_file)) for k, v in entry.items()
                    if k in MOMENT_KEYS and isinstance(v, LazyTensor)}
-        shape = entry["exp_avg"].shape if isinstance(entry.get("exp_avg"), LazyTensor) else torch.Size([-1])
+        shape = entry[SHAPE_KEY].shape if isinstance(entry.get(SHAPE_KEY), LazyTensor) else torch.Size([-1])
         step = step_value(entry["step"], f"{model_file} param {name_of[i]!r}") if "step" in entry else None
         params[name_of[i]] = ParamState(name_of[i], shape, step, tensors, str(model_file))
     groups = [{**group_hyperparameters(g), "params": [name_of[i] for i in g["params"]]}
@@ -143,7 +143,7 @@ def read_deepspeed(path: PathLike, tag: Optional[str] = None, names: Optional[Se
     for g, group_shapes in enumerate(shapes):
         base = [osd["base_optimizer_state"] for osd in osds]
         states = [b["state"][g] if isinstance(b, dict) else b[g] for b in base]
-        size = max(s["exp_avg"].numel() for s in states) if "exp_avg" in states[0] else 0
+        size = max(s[SHAPE_KEY].numel() for s in states) if SHAPE_KEY in states[0] else 0
         paddings = osds[0].get("param_alignment_paddings", [[0] * len(group_shapes)] * len(shapes))[g]
         if isinstance(base[0], dict):
             hyper = base[0]["param_groups"][g]

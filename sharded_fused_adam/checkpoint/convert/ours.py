@@ -15,11 +15,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from ...kernels.rule import ADAM
 from ..gathered import FORMAT_VERSION
 from ..files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
 from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
-from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
+from .state import MASTER_KEY, MOMENT_KEYS, SHAPE_KEY, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
     group_hyperparameters
 from .torch_files import LazyTensor, load_lazy, placeholder, save_streamed
 
@@ -75,16 +76,16 @@ def read_ours(path: PathLike, names: Optional[Sequence[str]] = None) -> NamedSta
         i, name, shape = p["index"], fqns[p["index"]], torch.Size(p["shape"])
         keys = [k for k in MOMENT_KEYS if reader.has(i, k)]
         if p["step"] == 0 and not keys:
-            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad[name] else [])
+            keys = list(ADAM.keys_for({"amsgrad": amsgrad[name]}))
             tensors = {k: StateTensor(shape.numel(), torch.float32, (Piece(0, shape.numel(), _Zeros()),), "")
                        for k in keys}
         else:
             tensors = {k: StateTensor(shape.numel(), torch.float32, (Piece(0, shape.numel(), _ReaderRange(reader, i, k)),),
                                       str(reader.folder)) for k in keys}
         params[name] = ParamState(name, shape, int(p["step"]), tensors, str(reader.folder))
-        if reader.has(i, "master_param"):
+        if reader.has(i, MASTER_KEY):
             weights[name] = StateTensor(shape.numel(), torch.float32,
-                                        (Piece(0, shape.numel(), _ReaderRange(reader, i, "master_param")),),
+                                        (Piece(0, shape.numel(), _ReaderRange(reader, i, MASTER_KEY)),),
                                         str(reader.folder))
     state = NamedState(params, named, str(reader.folder), weights,
                        {"loss_scaler": reader.common.get("loss_scaler"), "masters": bool(weights)})
@@ -107,11 +108,11 @@ def read_torch(path: PathLike, names: Optional[Sequence[str]] = None) -> NamedSt
         name = name_of[i]
         tensors = {k: StateTensor.whole(v, str(path)) for k, v in entry.items()
                    if k in MOMENT_KEYS and isinstance(v, LazyTensor)}
-        shape = entry["exp_avg"].shape if isinstance(entry.get("exp_avg"), LazyTensor) else torch.Size([-1])
+        shape = entry[SHAPE_KEY].shape if isinstance(entry.get(SHAPE_KEY), LazyTensor) else torch.Size([-1])
         step = step_value(entry["step"], f"{path} param {name!r}") if "step" in entry else None
         params[name] = ParamState(name, shape, step, tensors, str(path))
-        if isinstance(entry.get("master_param"), LazyTensor):
-            weights[name] = StateTensor.whole(entry["master_param"], str(path))
+        if isinstance(entry.get(MASTER_KEY), LazyTensor):
+            weights[name] = StateTensor.whole(entry[MASTER_KEY], str(path))
     state = NamedState(params, _named_groups(sd["param_groups"], fqns), str(path), weights,
                        {"loss_scaler": sd.get("sharded_fused_adam", {}).get("loss_scaler"), "masters": bool(weights)})
     for name in fqns:
@@ -143,7 +144,7 @@ def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], Non
         for key, tensor in p.tensors.items():
             entry[key] = placeholder(p.shape, tensor.read, fillers)
         if state.extra.get("masters") and name in state.weights:
-            entry["master_param"] = placeholder(p.shape, state.weights[name].read, fillers)
+            entry[MASTER_KEY] = placeholder(p.shape, state.weights[name].read, fillers)
         out[i] = entry
     extra = {"version": FORMAT_VERSION, "world_size": 1,
              "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}
@@ -171,7 +172,7 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
             p = state.params[name]
             sources = dict(p.tensors)
             if state.extra.get("masters") and name in state.weights:
-                sources["master_param"] = state.weights[name]
+                sources[MASTER_KEY] = state.weights[name]
             numel = p.shape.numel()
             for key, tensor in sources.items():
                 for start in range(0, numel, 1 << 24):

@@ -18,12 +18,14 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
+from ...kernels.rule import ADAM, MASTER_KEY
 from ..sharded import CheckpointError
 
 __all__ = ["Piece", "StateTensor", "ParamState", "NamedState", "check_complete", "HYPERPARAMETERS",
-           "MOMENT_KEYS", "CheckpointError"]
+           "MOMENT_KEYS", "MASTER_KEY", "SHAPE_KEY", "CheckpointError"]
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MOMENT_KEYS = ADAM.state_keys  # the update rule's per-param tensors (kernels/rule.py)
+SHAPE_KEY = ADAM.moment_keys[0]  # every param with state has it, in the param's shape
 # Group entries that mean the same in torch.optim.Adam, DeepSpeed and us; everything else is left behind.
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
 # torch.optim.Adam's implementation choices: carried through unchanged, because torch's
@@ -157,8 +159,7 @@ def check_complete(state: NamedState, expected: Optional[Sequence[str]] = None) 
         if name not in group_of:
             raise CheckpointError(f"{param.file}: param {name!r} has state but belongs to no param group")
         amsgrad = bool(state.groups[group_of[name]].get("amsgrad", False))
-        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-        for key in keys:
+        for key in ADAM.keys_for({"amsgrad": amsgrad}):
             if key not in param.tensors:
                 raise CheckpointError(f"{param.file}: param {name!r} has no {key!r} (found {sorted(param.tensors)})")
         if param.step is None:

@@ -30,7 +30,7 @@ from .torch_files import LazyTensor, load_lazy, placeholder, save_streamed
 __all__ = ["read_universal", "write_universal"]
 
 PathLike = Union[str, os.PathLike]
-_STATE_FILES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+_STATE_FILES = MOMENT_KEYS + ("step",)
 
 
 def read_universal(path: PathLike, tag: Optional[str] = None) -> NamedState:
