@@ -210,13 +210,18 @@ class ReplicatedGrads(SyncSwitch):
         """torch's ``zero_grad``: drop ``param.grad`` or zero it in place."""
         self._wait_all()
         for record in self._records:
-            for slot, p in enumerate(record.bucket.params):
-                if raw_grad(p) is None:
+            for p in record.bucket.params:
+                grad = raw_grad(p)
+                if grad is None:
                     continue
                 if set_to_none:
                     set_raw_grad(p, None)
+                    continue
+                if grad.grad_fn is not None:  # torch's rule; our views into the buffer cannot detach_()
+                    grad.detach_()
                 else:
-                    raw_grad(p).detach_().zero_()
+                    grad.requires_grad_(False)
+                grad.zero_()
         self.phase = GradPhase.STEPPED
 
     def comm_buffer_bytes(self) -> int:
