@@ -84,10 +84,12 @@ def test_plain_tensor_params_copy_and_rebuild_as_plain_tensors():
 def test_the_class_and_hooks_go_with_the_optimizer():
     model = _model()
     opt = ShardedFusedAdamW(model.parameters(), **KW)
+    assert all(p._post_accumulate_grad_hooks for p in model.parameters())  # torch's own record of hooks
     del opt
     gc.collect()
     assert all(type(p) is nn.Parameter and watch_of(p) is None for p in model.parameters())
-    model(torch.ones(3, 4)).sum().backward()  # no hook of the dead optimizer takes the gradients
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    model(torch.ones(3, 4)).sum().backward()  # torch's gradients, as if there had been no optimizer
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -225,3 +227,14 @@ def test_drop_in_clip_finds_the_optimizer_through_the_watch():
     # one norm over flat shards against torch's per-param norms: summation order only
     assert abs(norm.item() - expected.item()) < 1e-6 * expected.item()
     assert all(p.grad is None for p in model.parameters()) and opt.param_groups
+
+
+def test_params_added_later_are_watched_and_released_too():
+    model = _model()
+    opt = ShardedFusedAdamW(model[0].parameters(), **KW)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert all(watch_of(p) is not None and watch_of(p).owner is opt for p in model.parameters())
+    assert all(type(q) is nn.Parameter for q in pickle.loads(pickle.dumps(model)).parameters())
+    del opt
+    gc.collect()
+    assert all(type(p) is nn.Parameter for p in model.parameters())

@@ -369,7 +369,8 @@ class GradReducer(SyncSwitch):
         if record.in_place:
             bucket.grad_valid = True
             return
-        self._inflight.append((record, self._averaging.start(flat, bucket.grad_shard, f"gradients of bucket {record.index}"), cb))
+        pending = self._averaging.start(flat, bucket.grad_shard, f"gradients of bucket {record.index}")
+        self._inflight.append((record, pending, cb))
 
     def _complete_oldest(self) -> None:
         record, pending, cb = self._inflight.popleft()
