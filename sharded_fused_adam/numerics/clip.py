@@ -26,7 +26,7 @@ def owner_of(p: torch.Tensor) -> Any:
 
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None and o.options.grads == "sharded"}
+    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None}  # sharded ones only
     if not owners:
         return None, params
     if len(owners) > 1:
