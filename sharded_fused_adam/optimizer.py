@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -18,10 +17,8 @@ import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
-from .numerics.clip import OWNER_ATTR
 from .comm.plans import CommCounter, choose_comm_plan
 from .core.flat_buffer import check_unmoved
-from .grads.grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
 from .core.memory import MemoryReport, memory_report
 from .options import ShardingOptions
@@ -125,7 +122,6 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.overflow = False
         self._global_grad_norm: Optional[float] = None
         self.last_step_comm_bytes: dict[str, int] = {}
-        self._watch = GradWatch()
         agree_on_layout(self._plan, describe_params(self.param_groups), self.device)
         if opts.broadcast_params:
             broadcast_params(self._plan, [p for g in self.param_groups for p in g["params"]])
@@ -140,17 +136,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
         if o.grads == "replicated":
-            self._own([p for b in buckets for p in b.params])
             return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
-        self._own([p for b in buckets for p in b.params])
-        watch([p for b in buckets for p in b.params], self._watch)
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
-                           reduce=o.reduce_gradients, grad_watch=self._watch)
-
-    def _own(self, params: list[torch.Tensor]) -> None:
-        ref = weakref.ref(self)
-        for p in params:
-            setattr(p, OWNER_ATTR, ref)
+                           reduce=o.reduce_gradients, owner=self)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -191,11 +179,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._idle = self._find_idle()
 
     def _add_buckets(self, buckets: list[Bucket]) -> None:
-        self._own([p for b in buckets for p in b.params])
         self._buckets.extend(buckets)
         self._param_gather.add_buckets([b.params for b in buckets])
-        if isinstance(self._grads, GradReducer):
-            watch([p for b in buckets for p in b.params], self._watch)
         self._grads.add_buckets(buckets)
 
     def _param_names(self, group_index: int) -> list[str]:
@@ -274,9 +259,6 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._adopt_unfrozen()
         if self._grads.finish():
             self._stats = {}
-        if self._watch.read_none_while_held:
-            self._watch.read_none_while_held = False
-            self._warn_once("read_none", READ_NONE_WARNING)
 
     def _record_verdict(self, stats: GradStats, loss_scale: float, grad_scaler: Any) -> None:
         self.overflow = stats.found_inf

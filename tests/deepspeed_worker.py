@@ -143,7 +143,7 @@ def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
         "optimizer_type": type(opt).__name__, "is_sharded": isinstance(opt, ShardedFusedAdam),
         "engine_optimizer_is_opt": engine.optimizer is opt,
         "enable_backward_allreduce": engine.enable_backward_allreduce,
-        "engine_gradient_clipping": engine.gradient_clipping(), "max_grad_norm": opt._max_grad_norm,
+        "engine_gradient_clipping": engine.gradient_clipping(), "max_grad_norm": opt.max_grad_norm,
         "steps": [], "eval_before": eval_loss(engine.module),
     }
     for step in range(STEPS):
@@ -171,7 +171,7 @@ def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
         engine_step(engine, STEPS, rank, world_size)
     res["control_collectives"] = calls
     res["param_numel"] = sum(p.numel() for p in model.parameters())
-    res["bucket_padded_numel"] = sum(b.layout.padded_numel for b in opt._buckets)
+    res["bucket_padded_numel"] = sum(b.layout.padded_numel for b in opt.shard_state().buckets)
     res["accumulation"] = run_accumulation(rank, world_size)
     res["fp16_model"] = run_fp16_model(rank, world_size)
     res["precision_sections"] = {name: run_precision_section(rank, world_size, name) for name in ("bf16", "fp16")}

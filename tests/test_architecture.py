@@ -81,7 +81,8 @@ def test_every_part_imports_exactly_what_the_map_says_and_only_from_rows_above()
             if _part(target) != _part(module):
                 actual[_part(module)].add(_part(target))
     for part, _, documented in rows:
-        assert actual.pop(part, set()) == documented, f"{part}: imports {sorted(actual.get(part, set()))}"
+        got = actual.pop(part, set())
+        assert got == documented, f"{part}: imports {sorted(got)}, the module map says {sorted(documented)}"
         above = set(order[: order.index(part)])
         assert documented <= above, f"{part} imports {sorted(documented - above)}, which are not above it"
     actual.pop("__init__.py", None)  # the public API may import any part

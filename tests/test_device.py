@@ -65,7 +65,7 @@ def _mixed_precision_on_device(rank: int, world_size: int, device_type: str) -> 
             loss_fn(m, tokens, target.to(next(m.parameters()).dtype)).float().backward()
             o.step()
     moved = max((a - b.float().to(dev)).abs().max().item() for a, b in zip(fp32.parameters(), start.parameters()))
-    err = max((a.master - b.master).abs().max().item() for a, b in zip(opts[1]._buckets, opts[0]._buckets))
+    err = max((a.master - b.master).abs().max().item() for a, b in zip(opts[1].shard_state().buckets, opts[0].shard_state().buckets))
     return dict(moved=moved, err=err, dtypes={str(p.dtype) for p in ours.parameters()})
 
 

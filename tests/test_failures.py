@@ -10,6 +10,7 @@ import torch
 
 from helpers import batch, loss_fn, make_net
 from sharded_fused_adam import CollectiveError, ShardedFusedAdam, load_sharded, save_sharded
+from sharded_fused_adam.testing import wrap_gather_plan
 
 
 def _train_until(rank: int, world_size: int, fault: str) -> dict:
@@ -77,7 +78,7 @@ def _reload(rank: int, world_size: int, folder: str) -> int:
     model = make_net()
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
     load_sharded(opt, Path(folder) / "ck")
-    return max(max(b.steps) for b in opt._buckets)
+    return max(max(b.steps) for b in opt.shard_state().buckets)
 
 
 def _survivor_report(ranks, fn, folder: Path) -> tuple[float, str]:
@@ -98,13 +99,26 @@ def test_a_rank_killed_while_saving_is_named_and_the_previous_checkpoint_loads(r
     assert ranks(_reload, 3, str(tmp_path)) == [1, 1, 1]
 
 
+class _DiesAtGather:
+    """A plan whose process exits when asked to gather (the others see a rank die mid-step)."""
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def gather(self, flat, what="params"):
+        os._exit(9)
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
 def _killed_in_step(rank: int, world_size: int, folder: str) -> dict:
     model = make_net()
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2, collective_timeout=4.0)
     opt.zero_grad()
     loss_fn(model, *batch(0, rank, same_on_all_ranks=True)).backward()
     if rank == 1:
-        opt._param_gather.start = lambda *args: os._exit(9)  # dies after its first update, before gathering
+        wrap_gather_plan(opt, _DiesAtGather)  # dies after its first update, before gathering
     started = time.monotonic()
     try:
         opt.step()

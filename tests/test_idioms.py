@@ -151,7 +151,7 @@ def test_replicated_gradients_work_with_torch_clipping(ranks):
         assert max(ranks(_loop, world_size, "torch_clip_replicated", "replicated")) < TOL
 
 
-@pytest.mark.parametrize("idiom", ["model_zero_grad", "never_zero", "accumulate_no_sync", "hand_set"])
+@pytest.mark.parametrize("idiom", ["model_zero_grad", "zero_keep", "never_zero", "accumulate_no_sync", "hand_set"])
 def test_replicated_gradients_follow_torch_zeroing(ranks, idiom):
     assert max(ranks(_loop, 2, idiom, "replicated")) < TOL
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from helpers import batch, loss_fn, make_net
 from sharded_fused_adam import ShardedFusedAdam
+from sharded_fused_adam.testing import reductions_started
 
 
 def _mlp(dtype: torch.dtype) -> nn.Module:
@@ -120,7 +121,7 @@ def _launch_timing_rank(rank: int, world_size: int, overlap: bool) -> list:
     seen = []
     # emb.weight's gradient is the last one backward produces: look at the buckets then.
     model.emb.weight.register_post_accumulate_grad_hook(
-        lambda p: seen.append(opt._grads.num_launched))
+        lambda p: seen.append(reductions_started(opt)))
     for step in range(3):
         opt.zero_grad()
         loss_fn(model, *batch(step, rank, same_on_all_ranks=False)).backward()

@@ -24,7 +24,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _state_mismatches(a: ShardedFusedAdam, b: ShardedFusedAdam, model_a: nn.Module, model_b: nn.Module) -> int:
     """Elements whose bits differ: params, masters and moments of two optimizers of one layout."""
     bad = sum(int((_bits(x) != _bits(y)).sum()) for x, y in zip(model_a.parameters(), model_b.parameters()))
-    for ba, bb in zip(a._buckets, b._buckets):
+    for ba, bb in zip(a.shard_state().buckets, b.shard_state().buckets):
         for key, shard in ba.state_shards().items():
             bad += int((_bits(shard) != _bits(bb.state_shards()[key])).sum())
     return bad
@@ -45,7 +45,7 @@ def _train_both(rank: int, world_size: int, opt_kwargs: dict, sharded_kwargs: di
             loss_fn(m, tokens, target.to(torch.bfloat16)).float().backward()
             opt.step()
         bad += _state_mismatches(*opts, *models)
-        ties += sum(b._split.num_down_ties for b in opts[1]._buckets)
+        ties += sum(b._split.num_down_ties for b in opts[1].shard_state().buckets)
     return bad, ties
 
 
@@ -90,7 +90,7 @@ def test_fp16_params_keep_4_byte_masters_with_split():
     model = make_net().to(torch.float16)
     with pytest.warns(RuntimeWarning, match="fp16 params .* keep 4-byte fp32 masters"):
         opt = ShardedFusedAdam(model.parameters(), lr=1e-3, master_weights="split")
-    assert not any(b.is_staged for b in opt._buckets)
+    assert not any(b.is_staged for b in opt.shard_state().buckets)
 
 
 # ---- bf16 moments ---------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _bf16_moments_rank(rank: int, world_size: int, amsgrad: bool) -> int:
                 if key in state:
                     state[key].copy_(state[key].bfloat16())
         bad += sum(int((_bits(a) != _bits(b)).sum()) for a, b in zip(model.parameters(), ref.parameters()))
-    assert all(b.exp_avg.dtype == torch.bfloat16 for b in opt._buckets)
+    assert all(b.exp_avg.dtype == torch.bfloat16 for b in opt.shard_state().buckets)
     return bad
 
 
@@ -225,7 +225,7 @@ def _memory_rank(rank: int, world_size: int) -> dict:
         opt = ShardedFusedAdam(model.parameters(), lr=1e-3, master_weights=master, state_dtype=state_dtype)
         model(torch.randn(4, 256, dtype=dtype)).float().sum().backward()
         opt.step()
-        ties = sum(b._split.num_down_ties for b in opt._buckets if b._split is not None)
+        ties = sum(b._split.num_down_ties for b in opt.shard_state().buckets if b._split is not None)
         out[name] = dict(report=opt.memory_report().as_dict(), ties=ties)
     return out
 

@@ -13,6 +13,7 @@ from torch import nn
 from sharded_fused_adam import ShardedFusedAdam
 from sharded_fused_adam.comm.plans import CommCounter, choose_comm_plan
 from sharded_fused_adam.comm.param_gather import ParamGather
+from sharded_fused_adam.testing import gathers_in_flight, wrap_gather_plan
 
 
 class _LatePeer:
@@ -93,7 +94,7 @@ def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int,
     model = _Net()
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2, bucket_cap_mb=0.002, overlap_param_gather=overlap,
                            grads=grads)
-    opt._param_gather._plan = _LatePeer(opt._plan, 0.02)
+    wrap_gather_plan(opt, lambda plan: _LatePeer(plan, 0.02))
     run = model
     if compiled == "wrapper":
         run = torch.compile(model, backend="eager")
@@ -106,11 +107,11 @@ def _train(rank: int, world_size: int, overlap: bool, compiled: str, steps: int,
         tokens = torch.randint(0, 32, (2, 6), generator=gen)
         model.zero_grad()  # between step() and the next forward: neither waits for the gathers
         opt.zero_grad()
-        seen["in_flight_after_zero_grad"].append(len(opt._param_gather.in_flight))
+        seen["in_flight_after_zero_grad"].append(gathers_in_flight(opt))
         loss = _loss(run, tokens)
         loss.backward()
         opt.step()
-        seen["in_flight"].append(len(opt._param_gather.in_flight))
+        seen["in_flight"].append(gathers_in_flight(opt))
         seen["losses"].append(loss.item())
         if step == 1:  # eval, no_grad forward straight after a step
             model.eval()

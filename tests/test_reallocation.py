@@ -50,14 +50,14 @@ CAUSES = [
 @pytest.mark.parametrize("cause,message", CAUSES, ids=[c.__name__ for c, _ in CAUSES])
 def test_reallocated_param_is_named_and_nothing_is_updated(cause, message):
     model, opt = _model_and_opt()
-    flat_before = [b.buffer.flat.clone() for b in opt._buckets]
-    exp_avg_before = [b.exp_avg.clone() for b in opt._buckets]
+    flat_before = [b.buffer.flat.clone() for b in opt.shard_state().buckets]
+    exp_avg_before = [b.exp_avg.clone() for b in opt.shard_state().buckets]
     cause(model)
     with pytest.raises(ParamMovedError, match=message):
         opt.step()
-    assert all(torch.equal(a, b.buffer.flat) for a, b in zip(flat_before, opt._buckets))
-    assert all(torch.equal(a, b.exp_avg) for a, b in zip(exp_avg_before, opt._buckets))
-    assert all(s == 0 for b in opt._buckets for s in b.steps)
+    assert all(torch.equal(a, b.buffer.flat) for a, b in zip(flat_before, opt.shard_state().buckets))
+    assert all(torch.equal(a, b.exp_avg) for a, b in zip(exp_avg_before, opt.shard_state().buckets))
+    assert all(s == 0 for b in opt.shard_state().buckets for s in b.steps)
 
 
 def test_in_place_updates_and_reads_are_fine():
@@ -66,7 +66,7 @@ def test_in_place_updates_and_reads_are_fine():
         model[0].weight.mul_(0.5)
         model[1].bias.copy_(torch.ones(2))
     opt.step()
-    assert all(s == 1 for b in opt._buckets for s in b.steps)
+    assert all(s == 1 for b in opt.shard_state().buckets for s in b.steps)
 
 
 def test_replaced_parameter_objects_get_no_gradient_and_step_says_so():

@@ -44,7 +44,7 @@ def _seed_example(rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     # fp32 masters make fp16 params the rounding of the fp32 reference, bit for bit.
     return [bool(torch.equal(p, r.detach().to(p.dtype))) for p, r in zip(params, ref)] + [
         bool(torch.equal(params[-1], torch.arange(6).reshape(2, 3).float())),
-        opt._buckets[-1].steps,
+        opt.shard_state().buckets[-1].steps,
     ]
 
 

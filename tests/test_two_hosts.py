@@ -93,4 +93,4 @@ def test_ranks_on_two_hosts_train_and_checkpoint(two_hosts, tmp_path):
     model = make_net()
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
     load_sharded(opt, tmp_path / "ck")  # the checkpoint written across hosts loads on one rank
-    assert max(max(bk.steps) for bk in opt._buckets) == 5
+    assert max(max(bk.steps) for bk in opt.shard_state().buckets) == 5

@@ -17,6 +17,28 @@ __all__ = ["ParamRegistry", "check_params", "SUPPORTED_DTYPES"]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+# [Note: DTensor params]
+# A DTensor (FSDP2's ``fully_shard``, ``distribute_tensor``, tensor parallelism) holds only
+# its local shard and has no storage of its own to view into a flat buffer; its gradient is
+# a DTensor too. This optimizer shards plain params itself, so sharding twice has no
+# meaning here: it refuses them at construction, naming the param and the ways that work.
+_DTENSOR_HELP = (
+    "ShardedFusedAdam shards plain (replicated) params itself and cannot take a param that is "
+    "already sharded. Either build it on the model without fully_shard / distribute_tensor (it "
+    "averages gradients over the data-parallel group and shards the optimizer state itself), or "
+    "keep FSDP2 and use torch.optim.Adam/AdamW(fused=True), which FSDP2 supports")
+
+
+def _reject_dtensor(p: torch.Tensor, name: str) -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor  # imported here: torch.distributed may be absent
+
+    if isinstance(p, DTensor):
+        raise TypeError(f"{name} is a DTensor (placements {tuple(p.placements)} on a mesh of "
+                        f"{p.device_mesh.size()} ranks, e.g. from FSDP2's fully_shard). {_DTENSOR_HELP}")
+
+
 @dataclass
 class ParamRegistry:
     """The params an optimizer accepted so far: by identity, by storage, and their one device."""
@@ -37,12 +59,14 @@ def check_params(params: Sequence[torch.Tensor], names: Sequence[str], registry:
     updated once the whole sequence passed, so a rejected group leaves it unchanged.
 
     Raises:
-        TypeError: a param that is not a floating-point tensor of a supported dtype.
+        TypeError: a param that is not a floating-point tensor of a supported dtype, or a
+            DTensor (see [Note: DTensor params]).
         ValueError: a non-leaf, sparse, duplicated or storage-sharing param, or params on
             different devices.
     """
     new = ParamRegistry(dict(registry.by_id), dict(registry.by_storage), registry.device, registry.first_name)
     for p, name in zip(params, names):
+        _reject_dtensor(p, name)
         if p.is_sparse or p.layout != torch.strided:
             raise ValueError(f"{name} has layout {p.layout}; only dense (strided) params can be sharded")
         if p.dtype not in SUPPORTED_DTYPES:

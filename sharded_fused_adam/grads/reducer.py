@@ -38,7 +38,7 @@ import torch
 
 from ..core.bucket import LOW_PRECISION, Bucket
 from ..comm.plans import CommPlan, Pending
-from .grad_watch import GradWatch, raw_grad, set_raw_grad
+from .grad_watch import GradPhase, GradWatch, raw_grad, release_when_collected, set_raw_grad
 
 __all__ = ["GradReducer", "find_ddp", "register_grad_hook", "SyncSwitch"]
 
@@ -107,27 +107,33 @@ class _Record:
 class _SumOverRanks:
     """Gradients are this rank's own: sum them over ranks, then divide by the world size."""
 
-    hooks = True
+    reduces = True  # so backward hooks collect the gradients
 
     def __init__(self, plan: CommPlan):
-        self.plan, self.divisor, self.needs_output = plan, plan.world_size, plan.reduce_needs_output
+        self.plan, self.divisor = plan, plan.world_size
 
-    def start(self, flat: torch.Tensor, out: torch.Tensor | None, what: str) -> Pending:
+    def start(self, flat: torch.Tensor, shard: torch.Tensor, what: str) -> Pending:
+        out = torch.empty_like(shard, dtype=flat.dtype) if self.plan.reduce_needs_output else None
         return self.plan.reduce(flat, out, what)
+
+    def collected(self, p: torch.Tensor) -> None:
+        set_raw_grad(p, None)  # the gradient now lives in the comm buffer
 
 
 class _AlreadyAveraged:
     """Gradients were averaged already (see [Note: DDP-wrapped models]): keep this rank's slice."""
 
-    hooks = False
+    reduces = False
     divisor = 1
-    needs_output = False
 
     def __init__(self, plan: CommPlan):
         self.plan = plan
 
-    def start(self, flat: torch.Tensor, out: torch.Tensor | None, what: str) -> Pending:
+    def start(self, flat: torch.Tensor, shard: torch.Tensor, what: str) -> Pending:
         return Pending([], self.plan.own_shard(flat))
+
+    def collected(self, p: torch.Tensor) -> None:
+        """DDP's gradients stay in ``param.grad``, where torch leaves them."""
 
 
 def register_grad_hook(p: torch.Tensor, strategy: object) -> torch.utils.hooks.RemovableHandle:
@@ -171,7 +177,8 @@ class GradReducer(SyncSwitch):
         max_inflight: reductions in flight before a new buffer waits for the oldest. 4 measured
             faster than 2 on gloo (backward stalled in ``_acquire``) and no slower than 8; it
             bounds the buffer pool at 4 buckets.
-        grad_watch: what other code does with ``param.grad`` (see [Note: watching param.grad]).
+        owner: the optimizer, which ``clip_grad_norm_`` finds through the params' watch (see
+            [Note: watching param.grad]; the watch ends when this reducer is collected).
     """
 
     def __init__(
@@ -183,7 +190,7 @@ class GradReducer(SyncSwitch):
         overlap: bool,
         reduce: Optional[bool] = None,
         max_inflight: int = 4,
-        grad_watch: Optional[GradWatch] = None,
+        owner: object = None,
     ):
         self._plan = plan
         self._reduce_dtype = reduce_dtype
@@ -202,7 +209,9 @@ class GradReducer(SyncSwitch):
         self._sync = True
         self._callback_queued = False
         self._reduced_since_finish = False
-        self._watch = grad_watch if grad_watch is not None else GradWatch()
+        self.phase = GradPhase.STEPPED
+        self._watch = GradWatch(self, owner)
+        release_when_collected(self, self._hooks, self._watch)
         self.add_buckets(buckets)
 
     # ---- construction -------------------------------------------------------------------
@@ -217,8 +226,9 @@ class GradReducer(SyncSwitch):
             self._records.append(record)
             for slot, p in enumerate(bucket.params):
                 self._where[id(p)] = (record, slot)
-                if p.requires_grad and self._averaging.hooks:
+                if p.requires_grad and self._averaging.reduces:
                     self._hook_param(p, record)
+            self._watch.add(bucket.params)
             if self._order is not None:
                 self._order.append(record.index)
 
@@ -229,7 +239,7 @@ class GradReducer(SyncSwitch):
     @property
     def reduces(self) -> bool:
         """False once the gradients are known to arrive averaged (a DDP-wrapped model)."""
-        return isinstance(self._averaging, _SumOverRanks)
+        return self._averaging.reduces
 
     @property
     def num_launched(self) -> int:
@@ -244,9 +254,9 @@ class GradReducer(SyncSwitch):
                 self._averaging = _AlreadyAveraged(self._plan)
                 self.remove_hooks()
                 return
-        if self._watch.phase != GradWatch.BACKWARD:
+        if self.phase is not GradPhase.BACKWARD:
             self._forget_touched()
-            self._watch.phase = GradWatch.BACKWARD
+            self.phase = GradPhase.BACKWARD
         if not self._sync:
             return
         record, slot = self._where[id(param)]
@@ -287,7 +297,7 @@ class GradReducer(SyncSwitch):
         self._next = 0
         self._reduced_since_finish = True
         if self.reduces:
-            self._watch.phase = GradWatch.HELD
+            self.phase = GradPhase.REDUCED
 
     def _agree_on_order(self) -> list[int]:
         seen = list(dict.fromkeys(self._arrivals))
@@ -337,8 +347,7 @@ class GradReducer(SyncSwitch):
             dst.copy_(grad)
         if record.predivide:
             dst.div_(self._averaging.divisor)
-        if self._averaging.hooks:
-            set_raw_grad(p, None)  # DDP's gradients stay where torch leaves them
+        self._averaging.collected(p)
         bucket.has_grad[slot] = True
         record.filled[slot] = True
         record.num_filled += 1
@@ -360,8 +369,8 @@ class GradReducer(SyncSwitch):
         if record.in_place:
             bucket.grad_valid = True
             return
-        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._averaging.needs_output else None
-        self._inflight.append((record, self._averaging.start(flat, out, f"gradients of bucket {record.index}"), cb))
+        pending = self._averaging.start(flat, bucket.grad_shard, f"gradients of bucket {record.index}")
+        self._inflight.append((record, pending, cb))
 
     def _complete_oldest(self) -> None:
         record, pending, cb = self._inflight.popleft()
@@ -390,7 +399,7 @@ class GradReducer(SyncSwitch):
             Whether any gradient shard changed.
         """
         if self.reduces:
-            if self._watch.phase != GradWatch.BACKWARD:
+            if self.phase is not GradPhase.BACKWARD:
                 self._forget_touched()
         else:  # DDP's param.grad is the truth: take it afresh each step
             for record in self._records:
@@ -407,11 +416,12 @@ class GradReducer(SyncSwitch):
         while self._inflight:
             self._complete_oldest()
         self._reduced_since_finish = False
+        self._watch.warn_read_none()
         return changed
 
     def end_step(self) -> None:
         """After ``step()``: watch for zeroing again (see [Note: watching param.grad])."""
-        self._watch.phase = GradWatch.IDLE
+        self.phase = GradPhase.STEPPED
 
     def _forget_touched(self) -> None:
         """Forget the gradient shards of params that other code zeroed or set since the step."""
@@ -423,6 +433,7 @@ class GradReducer(SyncSwitch):
             hit = [slot for slot, p in enumerate(bucket.params) if id(p) in touched]
             if not hit or not (bucket.grad_valid or any(bucket.has_grad)):
                 continue
+            self._watch.forgotten({id(bucket.params[slot]) for slot in hit if bucket.has_grad[slot]})
             if len(hit) == len(bucket.params):
                 bucket.grad_valid = False
                 bucket.has_grad = [False] * len(bucket.has_grad)
@@ -471,6 +482,6 @@ class GradReducer(SyncSwitch):
     def remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks = []
+        self._hooks.clear()
         for record in self._records:
             record.expected = 0

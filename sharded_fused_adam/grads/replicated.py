@@ -27,7 +27,7 @@ import torch
 
 from ..core.bucket import LOW_PRECISION, Bucket
 from ..comm.plans import CommPlan, Pending
-from .grad_watch import raw_grad, set_raw_grad
+from .grad_watch import GradPhase, raw_grad, release_when_collected, set_raw_grad
 from .reducer import SyncSwitch, register_grad_hook
 
 __all__ = ["ReplicatedGrads"]
@@ -44,7 +44,6 @@ class _GradBucket:
     comm_dtype: torch.dtype
     expected: int = 0
     num_filled: int = 0
-    dirty: bool = False  # holds local gradients that were not reduced yet
     pending: Optional[Pending] = None
     comm_buffer: Optional[torch.Tensor] = None
     filled: list[bool] = field(default_factory=list)
@@ -69,6 +68,8 @@ class ReplicatedGrads(SyncSwitch):
         self._records: list[_GradBucket] = []
         self._where: dict[int, tuple[_GradBucket, int]] = {}
         self._hooks: list = []
+        release_when_collected(self, self._hooks)
+        self.phase = GradPhase.STEPPED  # BACKWARD: some param.grad holds local gradients not reduced yet
         self._sync = True
         self._callback_queued = False
         self._next = 0  # buckets launch in index order on every rank (collectives must match)
@@ -115,7 +116,7 @@ class ReplicatedGrads(SyncSwitch):
     def on_grad_ready(self, param: torch.Tensor) -> None:
         record, slot = self._where[id(param)]
         self._adopt(record, slot)
-        record.dirty = True
+        self.phase = GradPhase.BACKWARD
         if not self._sync:
             return
         if not self._callback_queued:
@@ -166,7 +167,8 @@ class ReplicatedGrads(SyncSwitch):
             present = record.flat_grad.narrow(0, record.bucket.layout.padded_numel, len(record.views)).tolist()
             for slot, p in enumerate(record.bucket.params):
                 set_raw_grad(p, record.views[slot] if present[slot] > 0 else None)
-            record.pending, record.comm_buffer, record.dirty = None, None, False
+            record.pending, record.comm_buffer = None, None
+            self.phase = GradPhase.REDUCED
             record.filled = [False] * len(record.views)
             record.num_filled = 0
 
@@ -174,7 +176,7 @@ class ReplicatedGrads(SyncSwitch):
         """Reduce gradients set by hand or accumulated under ``no_sync()``; fill the shards. A collective."""
         handset = any(raw_grad(p) is not None and raw_grad(p) is not r.views[slot]
                       for r in self._records for slot, p in enumerate(r.bucket.params))
-        dirty = handset or any(r.dirty for r in self._records)
+        dirty = handset or self.phase is GradPhase.BACKWARD
         if self._plan.any_rank(dirty, self._records[0].bucket.buffer.device):
             for record in self._records:
                 self._launch(record)
@@ -188,7 +190,8 @@ class ReplicatedGrads(SyncSwitch):
         return True
 
     def end_step(self) -> None:
-        """Gradients outlive the step in ``param.grad``, as in torch: nothing to do."""
+        """Gradients outlive the step in ``param.grad``, as in torch."""
+        self.phase = GradPhase.STEPPED
 
     def scale_(self, multiplier: float) -> None:
         """Scale every averaged gradient in ``param.grad`` (loss-scale removal and clipping)."""
@@ -207,19 +210,19 @@ class ReplicatedGrads(SyncSwitch):
         """torch's ``zero_grad``: drop ``param.grad`` or zero it in place."""
         self._wait_all()
         for record in self._records:
-            for slot, p in enumerate(record.bucket.params):
-                if raw_grad(p) is None:
+            for p in record.bucket.params:
+                grad = raw_grad(p)
+                if grad is None:
                     continue
                 if set_to_none:
                     set_raw_grad(p, None)
+                    continue
+                if grad.grad_fn is not None:  # torch's rule; our views into the buffer cannot detach_()
+                    grad.detach_()
                 else:
-                    raw_grad(p).detach_().zero_()
-            record.dirty = False
+                    grad.requires_grad_(False)
+                grad.zero_()
+        self.phase = GradPhase.STEPPED
 
     def comm_buffer_bytes(self) -> int:
         return sum(r.flat_grad.numel() * r.flat_grad.element_size() for r in self._records)
-
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

@@ -12,20 +12,21 @@ from typing import Any, Iterable, Union
 
 import torch
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "owner_of", "OWNER_ATTR"]
+from ..grads.grad_watch import watch_of
 
-OWNER_ATTR = "_sharded_fused_adam_owner"  # a weakref to the optimizer, set on every bucketed param
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "owner_of"]
 
 
 def owner_of(p: torch.Tensor) -> Any:
-    """The live ShardedFusedAdam whose buckets hold ``p``, or None."""
-    ref = getattr(p, OWNER_ATTR, None)
-    return ref() if ref is not None else None
+    """The live ShardedFusedAdam with sharded gradients whose buckets hold ``p``, or None (its
+    grad watch holds the link, see [Note: a watch that leaves the user's objects usable])."""
+    w = watch_of(p)
+    return w.owner if w is not None else None
 
 
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None and o.options.grads == "sharded"}
+    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None}  # sharded ones only
     if not owners:
         return None, params
     if len(owners) > 1:
