@@ -22,7 +22,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointFileMissing", "ChecksumFile", "crc32_of", "write_atomic", "fsync_dir",
+__all__ = ["CheckpointError", "CheckpointFileMissing", "CheckpointWriteError", "ChecksumFile", "crc32_of", "write_atomic", "fsync_dir",
            "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name", "committed_versions", "recover",
            "CRASH_EXIT_CODE"]
 
@@ -37,6 +37,14 @@ class CheckpointError(ValueError):
 
 class CheckpointFileMissing(CheckpointError, FileNotFoundError):
     """No checkpoint at the path, or one of its files is gone (also a ``FileNotFoundError``)."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint output could not be written (a full disk, a quota, an I/O error; also an ``OSError``).
+
+    The message names the path and, for a full disk, the bytes needed and free; ``errno`` is
+    ``ENOSPC`` then. Whatever the final name held before is intact (see [Note: checkpoint outputs]).
+    """
 
 
 # [Note: save steps] (docs/checkpoints.md lists them with what a kill at each leaves behind)
@@ -124,8 +132,11 @@ class ChecksumFile:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        else:
+            return
+        try:
             self._file.close()
+        except OSError:
+            pass  # flushing the rest fails too on a full disk; the error being raised says why
 
 
 def fsync_dir(path: Path) -> None:
@@ -139,9 +150,12 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> int:
     """Write ``data`` to ``path`` through a flushed temporary file and a rename; returns its CRC-32."""
     tmp = path.with_name(path.name + ".tmp")
-    with ChecksumFile(tmp) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with ChecksumFile(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left after the rename; no debris after a failure
     return zlib.crc32(data)
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..gathered import HasShardState, merged_groups, saved_groups
+from ..outputs import staged_dir
 from .apply import Names, param_fqns
 from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata, storage_writer
 from .state import (HYPERPARAMETERS, IMPLEMENTATION_KEYS, MOMENT_KEYS, CheckpointError, NamedState, ParamState,
@@ -212,6 +215,16 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
         out[name] = entry
     groups = [{**g, "params": list(g["params"])} for g in state.groups]
     sd = _with_flat_groups({"state": out, "param_groups": groups})
-    with warnings.catch_warnings():
+    needed = sum(p.shape.numel() * 4 * (len(out[n]) - 1) for n, p in state.params.items())  # all but the steps
+    with staged_dir(Path(dst), needed=needed) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({key: sd} if key else sd, storage_writer=storage_writer(dst), no_dist=True, planner=SavePlanner())
+        try:
+            dcp.save({key: sd} if key else sd, storage_writer=storage_writer(tmp), no_dist=True, planner=SavePlanner())
+        except CheckpointException as exc:  # a BaseException: re-raise what failed underneath, an OSError for a full disk
+            raise _first_failure(exc) from exc
+
+
+def _first_failure(exc: CheckpointException) -> BaseException:
+    for failure in exc.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return RuntimeError(str(exc))

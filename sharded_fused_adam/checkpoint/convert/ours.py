@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..gathered import FORMAT_VERSION
-from ..files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
+from ..files import ChecksumFile, committed_versions, version_name, write_atomic
+from ..outputs import staged_dir, write_small
 from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
@@ -151,19 +152,8 @@ def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], Non
     progress(state.numel)
 
 
-def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
-    """Write a sharded checkpoint folder (one rank file with whole params), param by param.
-
-    The folder is the same format ``save_sharded`` writes at world size 1 (checksummed
-    chunks of at most 16M elements, rank index, metadata), committed by one rename.
-    """
-    check_complete(state)
-    dst = Path(dst)
-    if committed_versions(dst) if dst.exists() else False:
-        raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
-    final = dst / version_name(1)
-    folder = dst / f"{final.name}.tmp"
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_version(state: NamedState, folder: Path, progress: Callable[[int], None]) -> None:
+    """The files of one version (see [Note: sharded checkpoint format]) into ``folder``."""
     order = [n for g in state.groups for n in g["params"]]
     pieces, chunks = [], []
     with ChecksumFile(folder / "rank00000.bin") as f:
@@ -196,8 +186,20 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
             "common": {"nbytes": common.nbytes, "crc32": common.crc}}
     meta["crc32"] = zlib.crc32(canonical_json(meta))
     write_atomic(folder / "metadata.json", canonical_json(meta))
-    fsync_dir(folder)
-    os.replace(folder, final)
-    write_atomic(dst / "LATEST", final.name.encode())
-    fsync_dir(dst)
+
+
+def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write a sharded checkpoint folder (one rank file with whole params), param by param.
+
+    The folder is the same format ``save_sharded`` writes at world size 1 (checksummed
+    chunks of at most 16M elements, rank index, metadata), committed by one rename.
+    """
+    check_complete(state)
+    dst = Path(dst)
+    if committed_versions(dst) if dst.exists() else False:
+        raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
+    final = dst / version_name(1)
+    with staged_dir(final, needed=state.numel * 4 * 2) as folder:  # a lower bound: exp_avg and exp_avg_sq
+        _write_version(state, folder, progress)
+    write_small(dst / "LATEST", final.name.encode())
     return final

@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-__all__ = ["LazyTensor", "load_lazy", "save_streamed", "placeholder", "iter_tensors", "Filler"]
+from ..outputs import pwrite_all, staged_file
+
+__all__ = ["LazyTensor", "load_lazy", "save_streamed", "save_small", "data_nbytes", "placeholder", "iter_tensors",
+           "Filler"]
 
 PathLike = Union[str, os.PathLike]
 Filler = Callable[[int, int], torch.Tensor]  # (start, end) flattened elements -> a tensor of them
@@ -160,31 +163,47 @@ def placeholder(shape: Any, fill: Callable[[int, int], torch.Tensor], fillers: d
     return t
 
 
+def data_nbytes(obj: Any) -> int:
+    """Bytes of tensor data in ``obj``: what a ``torch.save`` file of it needs at least."""
+    return sum(t.numel() * t.element_size() for _, t in iter_tensors(obj) if isinstance(t, torch.Tensor))
+
+
 def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
     """``torch.save(obj, path)`` where the tensors named in ``fillers`` (by ``id``) are placeholders.
 
     Each placeholder must be a contiguous CPU tensor that owns its whole storage (``torch.empty``);
     its bytes are written afterwards, ``_CHUNK_ELEMENTS`` at a time, from ``fillers[id(t)](start, end)``.
-    Other tensors are written as usual. The file is written under a temporary name and renamed.
+    Other tensors are written as usual. Every byte is checked and the file is renamed onto
+    ``path`` only when complete (see [Note: checkpoint outputs]).
+
+    Raises:
+        CheckpointWriteError: a full disk or another write failure, naming ``path``; ``path``
+            is untouched and no temporary file is left.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with torch.serialization.skip_data():
+    with staged_file(path, needed=data_nbytes(obj)) as tmp:
+        with torch.serialization.skip_data():
+            torch.save(obj, tmp)
+        placed = dict(iter_tensors(load_lazy(tmp)))
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for where, tensor in iter_tensors(obj):
+                fill = fillers.get(id(tensor))
+                target = placed[where]
+                if fill is None:
+                    data = tensor.detach().contiguous().reshape(-1)
+                    pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), target.byte_offset, tmp)
+                    continue
+                item = tensor.element_size()
+                for start in range(0, tensor.numel(), _CHUNK_ELEMENTS):
+                    end = min(start + _CHUNK_ELEMENTS, tensor.numel())
+                    piece = fill(start, end).to(tensor.dtype).contiguous()
+                    pwrite_all(fd, memoryview(piece.view(torch.uint8).numpy()), target.byte_offset + start * item, tmp)
+        finally:
+            os.close(fd)
+
+
+def save_small(obj: Any, path: PathLike) -> None:
+    """``torch.save`` of an object held in memory, through ``staged_file`` (see [Note: checkpoint outputs])."""
+    with staged_file(Path(path), needed=data_nbytes(obj)) as tmp:
         torch.save(obj, tmp)
-    placed = dict(iter_tensors(load_lazy(tmp)))
-    with open(tmp, "r+b") as f:
-        for where, tensor in iter_tensors(obj):
-            fill = fillers.get(id(tensor))
-            target = placed[where]
-            if fill is None:
-                data = tensor.detach().contiguous().reshape(-1)
-                os.pwrite(f.fileno(), memoryview(data.view(torch.uint8).numpy()), target.byte_offset)
-                continue
-            item = tensor.element_size()
-            for start in range(0, tensor.numel(), _CHUNK_ELEMENTS):
-                end = min(start + _CHUNK_ELEMENTS, tensor.numel())
-                piece = fill(start, end).to(tensor.dtype).contiguous()
-                os.pwrite(f.fileno(), memoryview(piece.view(torch.uint8).numpy()), target.byte_offset + start * item)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
