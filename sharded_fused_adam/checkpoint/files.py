@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["CheckpointError", "CheckpointFileMissing", "CheckpointWriteError", "ChecksumFile", "crc32_of", "write_atomic", "fsync_dir",
            "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name", "committed_versions", "recover",
-           "CRASH_EXIT_CODE"]
+           "CRASH_EXIT_CODE", "check_version"]
 
 _VERSION = re.compile(r"v(\d{8})")
 _ANY_VERSION = re.compile(r"v(\d{8})(\..*)?")
@@ -63,6 +63,22 @@ SAVE_STEPS = (
     "pruned",            # rank 0: old versions deleted, before the final barrier
 )
 SAVE_FULL_STEPS = ("gathered", "tmp_partial", "tmp_written", "replaced")
+
+
+def check_version(file: object, extra: object, reads: int) -> None:
+    """Refuse a gathered state dict whose ``sharded_fused_adam.version`` is not the one this code reads.
+
+    Files without our entry (torch's own ``state_dict()``) have no version and are accepted.
+
+    Raises:
+        CheckpointError: naming the file, the version that wrote it and the one this code reads.
+    """
+    if not isinstance(extra, dict) or "version" not in extra:
+        return
+    if extra["version"] != reads:
+        raise CheckpointError(f"{file}: field sharded_fused_adam.version is {extra['version']!r}: written by format "
+                              f"version {extra['version']!r}, this code reads version {reads}. Load it with the "
+                              "sharded_fused_adam release that wrote it (or convert it there to torch's layout)")
 
 
 def crash_point(step: str, rank: int) -> None:

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
-from .files import CheckpointWriteError, fsync_dir
+import torch
+
+from .files import ChecksumFile, CheckpointWriteError, crash_point, fsync_dir
 
 __all__ = ["free_bytes", "check_space", "pwrite_all", "write_failure", "staged_file", "staged_dir", "fsync_tree",
-           "temporary_name", "write_small"]
+           "temporary_name", "write_small", "data_nbytes", "write_torch_file", "remove_debris"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -73,7 +76,7 @@ def write_failure(path: Path, exc: BaseException, needed: int) -> CheckpointWrit
 
 
 def check_space(path: Path, needed: int) -> None:
-    """Refuse at once when ``path``'s filesystem has fewer than ``needed`` bytes free.
+    """Refuse at once to write the output ``path`` when its filesystem has fewer than ``needed`` bytes free.
 
     Raises:
         CheckpointWriteError: naming ``path``, ``needed`` and the bytes free.
@@ -139,7 +142,7 @@ def staged_file(path: Path, *, needed: int = 0) -> Iterator[Path]:
         CheckpointWriteError: too little space, or the write failed (the temporary is removed).
     """
     path = Path(path)
-    check_space(path.parent, needed)
+    check_space(path, needed)
     tmp = temporary_name(path)
     try:
         yield tmp
@@ -180,7 +183,7 @@ def staged_dir(final: Path, *, needed: int = 0) -> Iterator[Path]:
     """
     final = Path(final)
     created = _existing(final.parent)
-    check_space(created, needed)
+    check_space(final, needed)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(final)
     try:
@@ -201,3 +204,51 @@ def _remove_created(folder: Path, existing: Path) -> None:
     while folder != existing and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
+
+
+def data_nbytes(obj: Any) -> int:
+    """Bytes of tensor data in nested dicts, lists and tuples: what a ``torch.save`` of ``obj`` needs at least."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(data_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(data_nbytes(v) for v in obj)
+    return 0
+
+
+def _pid_of_other_live_process(name: str) -> bool:
+    match = re.search(r"\.tmp(\d+)", name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_debris(path: Path) -> None:
+    """Remove the temporaries of killed writes of ``path`` (``.NAME.tmp<pid>...``), not those of live
+    processes (this process's own writers are serialised, see [Note: one save at a time per process])."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        if not _pid_of_other_live_process(stale.name):
+            stale.unlink(missing_ok=True)
+
+
+def write_torch_file(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` onto ``path`` through ``staged_file``, removing the debris of killed saves first.
+
+    Crash points ``tmp_partial`` and ``tmp_written`` (``SAVE_FULL_STEPS``) are reached on the way.
+
+    Raises:
+        CheckpointWriteError: a full disk or another write failure; ``path`` is untouched.
+    """
+    path = Path(path)
+    remove_debris(path)
+    with staged_file(path, needed=data_nbytes(obj)) as tmp:
+        with ChecksumFile(tmp, partial_step=("tmp_partial", 0)) as f:
+            torch.save(obj, f)
+        crash_point("tmp_written", 0)

@@ -142,7 +142,7 @@ def _try_write_rank_files(shards: ShardState, tmp: Path) -> tuple[Optional[Check
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         crash_point("tmp_created", shards.rank)
-        check_space(tmp, needed)
+        check_space(tmp / f"rank{shards.rank:05d}.bin", needed)
         _write_rank_files(shards, tmp)
     except CheckpointError as exc:
         return exc, needed

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..gathered import FORMAT_VERSION
-from ..files import ChecksumFile, committed_versions, version_name, write_atomic
+from ..files import ChecksumFile, check_version, committed_versions, version_name, write_atomic
 from ..outputs import staged_dir, write_small
 from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
@@ -98,6 +98,7 @@ def read_torch(path: PathLike, names: Optional[Sequence[str]] = None) -> NamedSt
     sd = load_lazy(path)
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise CheckpointError(f"{path} is not an optimizer state dict (no 'state'/'param_groups')")
+    check_version(path, sd.get("sharded_fused_adam"), FORMAT_VERSION)
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     fqns = _names(sd["param_groups"], names, str(path))
     name_of = dict(zip(ids, fqns))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from ..outputs import pwrite_all, staged_file
+from ..outputs import data_nbytes, pwrite_all, staged_file
 
 __all__ = ["LazyTensor", "load_lazy", "save_streamed", "save_small", "data_nbytes", "placeholder", "iter_tensors",
            "Filler"]
@@ -161,11 +161,6 @@ def placeholder(shape: Any, fill: Callable[[int, int], torch.Tensor], fillers: d
     t = torch.empty(shape, dtype=dtype)  # never touched: save_streamed fills the file instead
     fillers[id(t)] = fill
     return t
-
-
-def data_nbytes(obj: Any) -> int:
-    """Bytes of tensor data in ``obj``: what a ``torch.save`` file of it needs at least."""
-    return sum(t.numel() * t.element_size() for _, t in iter_tensors(obj) if isinstance(t, torch.Tensor))
 
 
 def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
