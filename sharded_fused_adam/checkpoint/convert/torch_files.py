@@ -77,6 +77,13 @@ class LazyTensor:
 
 
 def _record_offsets(path: Path) -> tuple[str, dict[str, int]]:
+    try:
+        return _zip_records(path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path} is not a torch.save zip file: {exc}") from exc
+
+
+def _zip_records(path: Path) -> tuple[str, dict[str, int]]:
     with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
