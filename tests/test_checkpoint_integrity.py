@@ -274,3 +274,14 @@ def test_the_cli_prints_an_error_line_for_os_and_runtime_errors(saved, tmp_path,
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err, err
     assert not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_to_torch_writes_checksums_that_load_full_verifies(saved, tmp_path):
+    out = tmp_path / "converted.pt"
+    assert checkpoint_cli.main(["convert", "--from", "ours", "--to", "torch", str(saved / "sharded"), str(out),
+                                "--no-progress"]) == 0
+    assert "crc32" in torch.load(out, weights_only=True)["sharded_fused_adam"]
+    load_full(_fresh(), out)
+    _flip(out, _first_tensor_offset(out), 4)
+    with pytest.raises(CheckpointError, match=r"converted\.pt is corrupt: field state\[\d+\]\['exp_avg'\]"):
+        load_full(_fresh(), out)

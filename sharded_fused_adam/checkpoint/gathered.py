@@ -305,7 +305,7 @@ def _verify_crcs(path: Path, state: dict) -> None:
     for i, crcs in saved.items():
         for key, crc in crcs.items():
             value = entries[i].get(key)
-            if not isinstance(value, torch.Tensor) or crc32_of(value) != crc:
+            if not isinstance(value, torch.Tensor) or crc32_of(value) != int(crc):  # convert --to torch: tensors
                 raise CheckpointError(f"{path} is corrupt: field state[{i}][{key!r}] does not match its CRC-32")
 
 

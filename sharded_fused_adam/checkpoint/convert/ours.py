@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..gathered import FORMAT_VERSION
-from ..files import ChecksumFile, check_version, committed_versions, version_name, write_atomic
+from ..files import ChecksumFile, check_version, committed_versions, crc32_of, version_name, write_atomic
 from ..outputs import staged_dir, write_small
 from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
@@ -133,22 +133,49 @@ def _torch_groups(state: NamedState) -> list[dict[str, Any]]:
     return groups
 
 
+class _Checksummed:
+    """A filler that keeps the CRC-32 of what it returned (in order, as float32: what ``save_streamed`` writes),
+    and the filler of a one-element int64 placeholder that holds that CRC, written after the data."""
+
+    def __init__(self, read: Callable[[int, int], torch.Tensor]):
+        self.source, self.crc = read, 0
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        piece = self.source(start, end).to(torch.float32).contiguous()
+        self.crc = crc32_of(piece, self.crc)
+        return piece
+
+    def value(self, start: int, end: int) -> torch.Tensor:
+        return torch.tensor([self.crc], dtype=torch.int64)
+
+
 def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], None] = lambda n: None) -> None:
-    """Write a torch.optim.Adam-layout state dict file, streamed (``load_full`` and torch read it)."""
+    """Write a torch.optim.Adam-layout state dict file, streamed (``load_full`` and torch read it).
+
+    Like ``save_full``, it records the CRC-32 of every state tensor under
+    ``sharded_fused_adam.crc32``, which ``load_full`` verifies; the CRCs are computed while
+    the data is written and stored in int64 placeholders written after it.
+    """
     check_complete(state)
     order = [n for g in state.groups for n in g["params"]]
     fillers: dict[int, Callable] = {}
     out: dict[int, dict] = {}
+    crcs: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(order):
         p = state.params[name]
         entry: dict[str, Any] = {"step": torch.tensor(float(p.step))}
-        for key, tensor in p.tensors.items():
-            entry[key] = placeholder(p.shape, tensor.read, fillers)
+        crcs[i] = {"step": crc32_of(entry["step"])}
+        sources = {key: tensor.read for key, tensor in p.tensors.items()}
         if state.extra.get("masters") and name in state.weights:
-            entry["master_param"] = placeholder(p.shape, state.weights[name].read, fillers)
+            sources["master_param"] = state.weights[name].read
+        for key, read in sources.items():
+            checksummed = _Checksummed(read)
+            entry[key] = placeholder(p.shape, checksummed.read, fillers)
+            crcs[i][key] = placeholder((), checksummed.value, fillers, torch.int64)
         out[i] = entry
     extra = {"version": FORMAT_VERSION, "world_size": 1,
-             "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}
+             "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}, "crc32": crcs}
+    # "state" before "sharded_fused_adam": save_streamed fills in this order, so every CRC is final when written
     save_streamed({"state": out, "param_groups": _torch_groups(state), "sharded_fused_adam": extra}, path, fillers)
     progress(state.numel)
 
