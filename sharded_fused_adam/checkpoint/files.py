@@ -22,9 +22,9 @@ from typing import BinaryIO, Optional
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointFileMissing", "CheckpointWriteError", "ChecksumFile", "crc32_of", "write_atomic", "fsync_dir",
-           "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name", "committed_versions", "recover",
-           "CRASH_EXIT_CODE", "check_version"]
+__all__ = ["CheckpointError", "CheckpointFileMissing", "CheckpointWriteError", "ChecksumFile", "crc32_of",
+           "write_atomic", "fsync_dir", "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name",
+           "committed_versions", "recover", "CRASH_EXIT_CODE", "check_version"]
 
 _VERSION = re.compile(r"v(\d{8})")
 _ANY_VERSION = re.compile(r"v(\d{8})(\..*)?")

@@ -203,7 +203,8 @@ def _write_rank_files(shards: ShardState, folder: Path) -> None:
                     f.flush()
                     crash_point("rank_file_partial", shards.rank)
     index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": shards.rank,
-             "world_size": shards.world_size, "nbytes": f.nbytes, "chunks": chunks, "pieces": pieces, "steps": sorted([i, s] for i, s in steps.items())}
+             "world_size": shards.world_size, "nbytes": f.nbytes, "chunks": chunks, "pieces": pieces,
+             "steps": sorted([i, s] for i, s in steps.items())}
     write_atomic(folder / f"{name}.json", canonical_json(index))
 
 

@@ -220,7 +220,7 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
             dcp.save({key: sd} if key else sd, storage_writer=storage_writer(tmp), no_dist=True, planner=SavePlanner())
-        except CheckpointException as exc:  # a BaseException: re-raise what failed underneath, an OSError for a full disk
+        except CheckpointException as exc:  # a BaseException; what failed underneath is an OSError on a full disk
             raise _first_failure(exc) from exc
 
 
