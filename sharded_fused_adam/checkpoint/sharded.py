@@ -106,14 +106,15 @@ def _save(shards: ShardState, path: Path, keep_last: int) -> Path:
     tmp = path / f"{version_name(version)}.tmp"
     error, needed = _try_write_rank_files(shards, tmp)
     crash_point("rank_files_written", rank)
-    outcome = torch.tensor([error is not None, needed], dtype=torch.int64, device=shards.device)
-    failed, total = (int(v) for v in shards.plan.all_reduce_(outcome, what="barrier after writing the shard files"))
+    # float32 (every backend reduces it; HCCL refuses fp64): a count of failed ranks, and MiB needed
+    outcome = torch.tensor([error is not None, needed / 2**20], dtype=torch.float32, device=shards.device)
+    failed, mib = shards.plan.all_reduce_(outcome, what="barrier after writing the shard files").tolist()
     if failed:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise error or CheckpointWriteError(
-            f"{failed} rank(s) could not write their files into {tmp} (their errors say why; this save needs "
-            f"{total} bytes for the shard files); nothing was committed, the previous version is intact")
+            f"{failed:.0f} rank(s) could not write their files into {tmp} (their errors say why; the shard files "
+            f"of this save need about {mib:.1f} MiB); nothing was committed, the previous version is intact")
     crash_point("all_ranks_written", rank)
     final = path / version_name(version)
     code = _NOT_COMMITTED if rank == 0 else 0
