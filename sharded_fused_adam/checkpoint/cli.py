@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from .convert import cli as convert_cli
-from .outputs import staged_file
+from .outputs import staged_file, torch_save
 from .sharded import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
@@ -46,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             state = consolidate_sharded(args.checkpoint)
             with staged_file(args.output) as tmp:  # see [Note: checkpoint outputs]
-                torch.save(state, tmp)
+                torch_save(state, tmp)
             print(f"wrote {args.output}: {len(state['state'])} param states, "
                   f"{len(state['param_groups'])} param groups")
     except (OSError, RuntimeError, ValueError) as exc:  # CheckpointError is a ValueError; I/O, torch: the others

@@ -31,7 +31,7 @@ import torch
 from .files import ChecksumFile, CheckpointWriteError, crash_point, fsync_dir
 
 __all__ = ["free_bytes", "check_space", "pwrite_all", "write_failure", "staged_file", "staged_dir", "fsync_tree",
-           "temporary_name", "write_small", "data_nbytes", "write_torch_file", "remove_debris"]
+           "temporary_name", "write_small", "data_nbytes", "write_torch_file", "remove_debris", "torch_save"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -62,16 +62,15 @@ def _is_full(exc: BaseException) -> bool:
 
 def write_failure(path: Path, exc: BaseException, needed: int) -> CheckpointWriteError:
     """The error for a failed write of ``path``: it names the path, the cause, the bytes needed and free."""
+    if not _is_full(exc):
+        return CheckpointWriteError(f"cannot write checkpoint output {path}: {type(exc).__name__}: {exc}; nothing "
+                                    "was replaced and no partial file was left")
     free = free_bytes(path)
     space = f"{free if free is not None else '?'} bytes are free there"
     space = f"it needs at least {needed} bytes, {space}" if needed > 0 else space
-    if _is_full(exc):
-        error = CheckpointWriteError(f"cannot write checkpoint output {path}: the disk is full ({space}); "
-                                     "nothing was replaced and no partial file was left")
-        error.errno = errno.ENOSPC
-    else:
-        error = CheckpointWriteError(f"cannot write checkpoint output {path}: {type(exc).__name__}: {exc} ({space}); "
-                                     "nothing was replaced and no partial file was left")
+    error = CheckpointWriteError(f"cannot write checkpoint output {path}: the disk is full ({space}); "
+                                 "nothing was replaced and no partial file was left")
+    error.errno = errno.ENOSPC
     return error
 
 
@@ -236,6 +235,13 @@ def remove_debris(path: Path) -> None:
     for stale in path.parent.glob(f".{path.name}.tmp*"):
         if not _pid_of_other_live_process(stale.name):
             stale.unlink(missing_ok=True)
+
+
+def torch_save(obj: Any, file: Path) -> None:
+    """``torch.save`` through a Python file object: torch's own writer, given a path, reports a full disk as
+    ``RuntimeError: ... unexpected pos``; through a file object the ``OSError`` (``ENOSPC``) stays attached."""
+    with open(file, "wb") as f:
+        torch.save(obj, f)
 
 
 def write_torch_file(path: Path, obj: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from ..outputs import data_nbytes, pwrite_all, staged_file
+from ..outputs import data_nbytes, pwrite_all, staged_file, torch_save
 
 __all__ = ["LazyTensor", "load_lazy", "save_streamed", "save_small", "data_nbytes", "placeholder", "iter_tensors",
            "Filler"]
@@ -185,7 +185,7 @@ def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
     path = Path(path)
     with staged_file(path, needed=data_nbytes(obj)) as tmp:
         with torch.serialization.skip_data():
-            torch.save(obj, tmp)
+            torch_save(obj, tmp)
         placed = dict(iter_tensors(load_lazy(tmp)))
         fd = os.open(tmp, os.O_WRONLY)
         try:
@@ -208,4 +208,4 @@ def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
 def save_small(obj: Any, path: PathLike) -> None:
     """``torch.save`` of an object held in memory, through ``staged_file`` (see [Note: checkpoint outputs])."""
     with staged_file(Path(path), needed=data_nbytes(obj)) as tmp:
-        torch.save(obj, tmp)
+        torch_save(obj, tmp)
