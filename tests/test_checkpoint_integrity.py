@@ -285,3 +285,13 @@ def test_convert_to_torch_writes_checksums_that_load_full_verifies(saved, tmp_pa
     _flip(out, _first_tensor_offset(out), 4)
     with pytest.raises(CheckpointError, match=r"converted\.pt is corrupt: field state\[\d+\]\['exp_avg'\]"):
         load_full(_fresh(), out)
+
+
+def test_load_state_dict_refuses_a_state_dict_of_another_format_version(saved):
+    state = torch.load(saved / "full.pt", weights_only=True)
+    state["sharded_fused_adam"]["version"] = 7
+    opt = _fresh()
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError, match="written by format version 7, this code reads version 1"):
+        opt.load_state_dict(state)
+    _assert_unchanged(before, opt)

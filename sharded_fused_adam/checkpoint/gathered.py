@@ -224,10 +224,12 @@ def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
     Raises:
         ValueError: a different number of groups or params, an unknown param index, a
             shape that differs, a missing moment, or an unsupported or invalid hyperparameter.
+        CheckpointError: a ``sharded_fused_adam.version`` this code does not read.
     """
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise ValueError(f"not an optimizer state dict: no {key!r} key (keys: {sorted(state_dict)})")
+    check_version("the state dict", state_dict.get("sharded_fused_adam"), FORMAT_VERSION)
     new_groups = merged_groups(shards, state_dict["param_groups"])
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     remap = dict(zip(saved_ids, range(shards.num_params)))  # torch allows any integer ids, in group order
