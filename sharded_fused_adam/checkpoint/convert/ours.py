@@ -200,8 +200,8 @@ def _write_version(state: NamedState, folder: Path, progress: Callable[[int], No
                     pieces.append([i, key, "float32", start, end, offset])
             progress(numel)
     steps = [[i, state.params[n].step] for i, n in enumerate(order)]
-    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": 0, "world_size": 1, "nbytes": f.nbytes, "chunks": chunks,
-             "pieces": pieces, "steps": steps}
+    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": 0, "world_size": 1, "nbytes": f.nbytes,
+             "chunks": chunks, "pieces": pieces, "steps": steps}
     raw_index = canonical_json(index)
     write_atomic(folder / "rank00000.json", raw_index)
     with ChecksumFile(folder / "common.pt") as common:
