@@ -7,6 +7,7 @@ from .comm.failures import CollectiveError
 from .local_adam import FusedAdam
 from .optimizer import ShardedFusedAdam, ShardedFusedAdamW
 from .options import ShardingOptions
+from .checkpoint.files import CheckpointWriteError
 from .checkpoint.sharded import (CheckpointError, CheckpointFileMissing, CheckpointLockedError, consolidate_sharded,
                                  load_sharded, save_sharded)
 from .numerics.precision import DynamicLossScaler, LossScaler, StaticLossScaler
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFileMissing",
     "CheckpointLockedError",
+    "CheckpointWriteError",
     "CollectiveError",
     "__version__",
 ]

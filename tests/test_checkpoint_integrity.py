@@ -16,10 +16,10 @@ import torch
 
 from conftest import run_ranks
 from helpers import batch, loss_fn, make_net, param_groups
-from sharded_fused_adam import (CheckpointError, ShardedFusedAdam, consolidate_sharded, load_full,
-                                load_sharded, save_full, save_sharded)
-from sharded_fused_adam.checkpoint.files import CheckpointFileMissing
+from sharded_fused_adam import (CheckpointError, ShardedFusedAdam, consolidate_sharded, load_full, load_sharded,
+                                save_full, save_sharded)
 from sharded_fused_adam.checkpoint import cli as checkpoint_cli
+from sharded_fused_adam.checkpoint.files import CheckpointFileMissing
 
 OPT = dict(lr=1e-2, weight_decay=0.05, amsgrad=True)
 
@@ -119,6 +119,12 @@ def _drop_state_entry(file: Path) -> None:
     torch.save(state, file)
 
 
+def _edit_full(file: Path, edit) -> None:
+    state = torch.load(file, weights_only=True)
+    edit(state)
+    torch.save(state, file)
+
+
 SHARDED = [  # (case, corrupt(saved), exception, file named, field or rule named)
     ("metadata garbage", lambda s: _meta(s).write_bytes(b"\xff\xfe garbage"), CheckpointError,
      "metadata.json", "not valid JSON"),
@@ -132,6 +138,12 @@ SHARDED = [  # (case, corrupt(saved), exception, file named, field or rule named
      "metadata.json", "field 'format'"),
     ("metadata other version", lambda s: _edit_json(_meta(s), _set("version", 1)), CheckpointError,
      "metadata.json", "field 'version' is 1"),
+    ("metadata newer version", lambda s: _edit_json(_meta(s), _set("version", 3)), CheckpointError,
+     "metadata.json", "written by format version 3, this code reads version 2"),
+    ("index newer version", lambda s: _edit_json(_index(s), _set("version", 3)), CheckpointError,
+     "rank00000.json", "written by format version 3, this code reads version 2"),
+    ("index other format", lambda s: _edit_json(_index(s), _set("format", "sharded_fused_adam/sharded-v3")),
+     CheckpointError, "rank00000.json", "field 'format' is 'sharded_fused_adam/sharded-v3'.*this code reads"),
     ("metadata step changed", lambda s: _edit_json(_meta(s), _bump_step), CheckpointError,
      "rank00000.json", r"but metadata.json field params\[\d+\].step is 3"),
     ("metadata file dropped", lambda s: _edit_json(_meta(s), lambda d: d["files"].pop()), CheckpointError,
@@ -180,6 +192,8 @@ FULL = [
      "full.pt", r"field state\[\d+\]\['exp_avg'\] does not match its CRC-32"),
     ("full entry dropped", lambda s: _drop_state_entry(s / "full.pt"), CheckpointError, "full.pt",
      "but the checksums were written for params"),
+    ("full newer version", lambda s: _edit_full(s / "full.pt", lambda d: d["sharded_fused_adam"].update(version=2)),
+     CheckpointError, "full.pt", "written by format version 2, this code reads version 1"),
     ("full missing", lambda s: (s / "full.pt").unlink(), CheckpointFileMissing, "full.pt", "no optimizer checkpoint"),
 ]
 
@@ -248,3 +262,36 @@ def test_a_torch_written_state_dict_still_loads_without_checksums(saved):
     opt = _fresh()
     load_full(opt, saved / "torch.pt")
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], ref.state_dict()["state"][0]["exp_avg"])
+
+
+def test_the_cli_prints_an_error_line_for_os_and_runtime_errors(saved, tmp_path, capsys):
+    """An output it cannot write (a missing folder: torch raises RuntimeError, the OS an OSError), an input that
+    is not a torch file: one ``error:`` line, no traceback, exit code 1."""
+    for command in (["consolidate", str(saved / "sharded"), str(tmp_path / "no" / "such" / "o.pt")],
+                    ["convert", "--from", "torch", "--to", "ours", str(saved / "sharded" / "LATEST"),
+                     str(tmp_path / "out"), "--no-progress"]):
+        assert checkpoint_cli.main(command) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_to_torch_writes_checksums_that_load_full_verifies(saved, tmp_path):
+    out = tmp_path / "converted.pt"
+    assert checkpoint_cli.main(["convert", "--from", "ours", "--to", "torch", str(saved / "sharded"), str(out),
+                                "--no-progress"]) == 0
+    assert "crc32" in torch.load(out, weights_only=True)["sharded_fused_adam"]
+    load_full(_fresh(), out)
+    _flip(out, _first_tensor_offset(out), 4)
+    with pytest.raises(CheckpointError, match=r"converted\.pt is corrupt: field state\[\d+\]\['exp_avg'\]"):
+        load_full(_fresh(), out)
+
+
+def test_load_state_dict_refuses_a_state_dict_of_another_format_version(saved):
+    state = torch.load(saved / "full.pt", weights_only=True)
+    state["sharded_fused_adam"]["version"] = 7
+    opt = _fresh()
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError, match="written by format version 7, this code reads version 1"):
+        opt.load_state_dict(state)
+    _assert_unchanged(before, opt)

@@ -133,3 +133,41 @@ def test_a_job_that_lost_its_lock_refuses_to_save(tmp_path):
     with pytest.raises(CheckpointLockedError, match="this job lost its lock .* held by host elsewhere pid 1"):
         save_sharded(opt, tmp_path / "ck")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["LATEST", "LOCK", "v00000001"]
+
+
+def test_a_live_process_of_the_same_job_is_refused_not_taken_over(tmp_path, monkeypatch):
+    """Same job id, pid alive on this host: a second writer of one job, not a restart (and it is told so)."""
+    monkeypatch.setenv("SFA_JOB_ID", "job-42")
+    _write_lock(tmp_path / "ck", host=socket.gethostname(), pid=os.getppid(), job_id="job-42")
+    with pytest.raises(CheckpointLockedError, match=f"locked by another process of this same job .*pid "
+                                                    f"{os.getppid()} job job-42.*still running"):
+        acquire(tmp_path / "ck")
+
+
+@pytest.mark.slow
+def test_two_processes_of_one_job_saving_into_one_directory(tmp_path, monkeypatch):
+    """The second process gets a clear CheckpointLockedError and changes nothing; the first keeps saving."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SFA_JOB_ID="job-7")
+    job_a = subprocess.Popen([sys.executable, "-c", JOB_A, str(tmp_path), str(REPO / "tests")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "a_saved").exists():
+            assert job_a.poll() is None and time.monotonic() < deadline, job_a.communicate()
+            time.sleep(0.1)
+        before = _digest(tmp_path / "ck")
+        monkeypatch.setenv("SFA_JOB_ID", "job-7")
+        model = make_net()
+        opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
+        loss_fn(model, *batch(0, 0, same_on_all_ranks=True)).backward()
+        opt.step()
+        with pytest.raises(CheckpointLockedError, match=f"another process of this same job .*pid {job_a.pid} "):
+            save_sharded(opt, tmp_path / "ck")
+        assert _digest(tmp_path / "ck") == before
+        (tmp_path / "go").write_text("1")
+        out, err = job_a.communicate(timeout=60)
+        assert job_a.returncode == 0 and out.strip() == "v00000002", err
+    finally:
+        if job_a.poll() is None:
+            job_a.kill()
+            job_a.wait()

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from .convert import cli as convert_cli
+from .outputs import staged_file, torch_save
 from .sharded import CheckpointReader, consolidate_sharded
 
 __all__ = ["main"]
@@ -44,10 +43,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ok: {reader.folder} ({len(reader.chunks)} rank files, every checksum matches)")
         else:
             state = consolidate_sharded(args.checkpoint)
-            torch.save(state, args.output)
+            with staged_file(args.output) as tmp:  # see [Note: checkpoint outputs]
+                torch_save(state, tmp)
             print(f"wrote {args.output}: {len(state['state'])} param states, "
                   f"{len(state['param_groups'])} param groups")
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # CheckpointError is a ValueError; I/O, torch: the others
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -22,9 +22,9 @@ from typing import BinaryIO, Optional
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointFileMissing", "ChecksumFile", "crc32_of", "write_atomic", "fsync_dir",
-           "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name", "committed_versions", "recover",
-           "CRASH_EXIT_CODE"]
+__all__ = ["CheckpointError", "CheckpointFileMissing", "CheckpointWriteError", "ChecksumFile", "crc32_of",
+           "write_atomic", "fsync_dir", "crash_point", "SAVE_STEPS", "SAVE_FULL_STEPS", "version_name",
+           "committed_versions", "recover", "CRASH_EXIT_CODE", "check_version"]
 
 _VERSION = re.compile(r"v(\d{8})")
 _ANY_VERSION = re.compile(r"v(\d{8})(\..*)?")
@@ -37,6 +37,14 @@ class CheckpointError(ValueError):
 
 class CheckpointFileMissing(CheckpointError, FileNotFoundError):
     """No checkpoint at the path, or one of its files is gone (also a ``FileNotFoundError``)."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint output could not be written (a full disk, a quota, an I/O error; also an ``OSError``).
+
+    The message names the path and, for a full disk, the bytes needed and free; ``errno`` is
+    ``ENOSPC`` then. Whatever the final name held before is intact (see [Note: checkpoint outputs]).
+    """
 
 
 # [Note: save steps] (docs/checkpoints.md lists them with what a kill at each leaves behind)
@@ -55,6 +63,22 @@ SAVE_STEPS = (
     "pruned",            # rank 0: old versions deleted, before the final barrier
 )
 SAVE_FULL_STEPS = ("gathered", "tmp_partial", "tmp_written", "replaced")
+
+
+def check_version(file: object, extra: object, reads: int) -> None:
+    """Refuse a gathered state dict whose ``sharded_fused_adam.version`` is not the one this code reads.
+
+    Files without our entry (torch's own ``state_dict()``) have no version and are accepted.
+
+    Raises:
+        CheckpointError: naming the file, the version that wrote it and the one this code reads.
+    """
+    if not isinstance(extra, dict) or "version" not in extra:
+        return
+    if extra["version"] != reads:
+        raise CheckpointError(f"{file}: field sharded_fused_adam.version is {extra['version']!r}: written by format "
+                              f"version {extra['version']!r}, this code reads version {reads}. Load it with the "
+                              "sharded_fused_adam release that wrote it (or convert it there to torch's layout)")
 
 
 def crash_point(step: str, rank: int) -> None:
@@ -124,8 +148,11 @@ class ChecksumFile:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        else:
+            return
+        try:
             self._file.close()
+        except OSError:
+            pass  # flushing the rest fails too on a full disk; the error being raised says why
 
 
 def fsync_dir(path: Path) -> None:
@@ -139,9 +166,12 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> int:
     """Write ``data`` to ``path`` through a flushed temporary file and a rename; returns its CRC-32."""
     tmp = path.with_name(path.name + ".tmp")
-    with ChecksumFile(tmp) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with ChecksumFile(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left after the rename; no debris after a failure
     return zlib.crc32(data)
 
 

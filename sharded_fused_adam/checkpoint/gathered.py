@@ -21,7 +21,9 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
-from .files import CheckpointError, CheckpointFileMissing, ChecksumFile, crash_point, crc32_of, fsync_dir
+from .files import CheckpointError, CheckpointFileMissing, CheckpointWriteError, check_version, crash_point, crc32_of
+from .lock import one_save_at_a_time
+from .outputs import write_torch_file
 from ..comm.plans import CommPlan
 from ..comm.failures import CollectiveError, store_rendezvous
 from .staging import StagedLoad
@@ -202,10 +204,12 @@ def apply_state_dict(shards: ShardState, state_dict: dict) -> None:
     Raises:
         ValueError: a different number of groups or params, an unknown param index, a
             shape that differs, a missing moment, or an unsupported or invalid hyperparameter.
+        CheckpointError: a ``sharded_fused_adam.version`` this code does not read.
     """
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise ValueError(f"not an optimizer state dict: no {key!r} key (keys: {sorted(state_dict)})")
+    check_version("the state dict", state_dict.get("sharded_fused_adam"), FORMAT_VERSION)
     new_groups = merged_groups(shards, state_dict["param_groups"])
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     remap = dict(zip(saved_ids, range(shards.num_params)))  # torch allows any integer ids, in group order
@@ -238,23 +242,28 @@ def save_full(opt: HasShardState, path: Union[str, os.PathLike]) -> None:
     ``checkpoint_files.SAVE_FULL_STEPS``; the temporary files of killed saves are removed
     by the next one). ``state["sharded_fused_adam"]["crc32"]`` holds the CRC-32 of every
     state tensor, which ``load_full`` checks; torch ignores it.
+
+    Raises:
+        CheckpointWriteError: on every rank, when rank 0 could not write the file (a full
+            disk: rank 0's message names the path and the bytes needed); the previous file is intact.
+        CheckpointLockedError: another thread of this process is saving to ``path`` now.
     """
     shards = opt.shard_state()
-    state = gather_state_dict(shards, rank0_only=True, offload_to_cpu=True)
-    if shards.rank == 0:
-        crash_point("gathered", 0)
-        path = Path(path)
-        state["sharded_fused_adam"]["crc32"] = _state_crcs(state)
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # debris of killed saves
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with ChecksumFile(tmp, partial_step=("tmp_partial", 0)) as f:
-            torch.save(state, f)
-        crash_point("tmp_written", 0)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        crash_point("replaced", 0)
-    shards.plan.barrier(shards.device, "barrier after save_full")
+    with one_save_at_a_time(Path(path), "save_full"):
+        state = gather_state_dict(shards, rank0_only=True, offload_to_cpu=True)
+        error = None
+        if shards.rank == 0:
+            crash_point("gathered", 0)
+            state["sharded_fused_adam"]["crc32"] = _state_crcs(state)
+            try:
+                write_torch_file(Path(path), state)  # see [Note: checkpoint outputs]
+                crash_point("replaced", 0)
+            except CheckpointError as exc:
+                error = exc
+        failed = shards.plan.any_rank(error is not None, shards.device, "barrier after save_full")
+    if failed:  # every rank raises: rank 0 the cause, the others that it failed
+        raise error or CheckpointWriteError(f"rank 0 could not write {path} (its error says why); the previous "
+                                            "file is intact")
 
 
 def _verify_crcs(path: Path, state: dict) -> None:
@@ -268,7 +277,7 @@ def _verify_crcs(path: Path, state: dict) -> None:
     for i, crcs in saved.items():
         for key, crc in crcs.items():
             value = entries[i].get(key)
-            if not isinstance(value, torch.Tensor) or crc32_of(value) != crc:
+            if not isinstance(value, torch.Tensor) or crc32_of(value) != int(crc):  # convert --to torch: tensors
                 raise CheckpointError(f"{path} is corrupt: field state[{i}][{key!r}] does not match its CRC-32")
 
 
@@ -294,6 +303,7 @@ def load_full(opt: Any, path: Union[str, os.PathLike], *, verify: bool = True) -
         raise CheckpointError(f"{path} is not a readable optimizer checkpoint (truncated or corrupt?): {exc}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not an optimizer state dict")
+    check_version(path, state.get("sharded_fused_adam"), FORMAT_VERSION)
     if verify:
         _verify_crcs(path, state)
     try:

@@ -10,7 +10,16 @@ fails at once with the owner in the message; it changes nothing. A lock is stale
 taken over, when its pid is dead on this same host, when its job id equals ours (a
 requeued or restarted job), or when it was not touched for ``STALE_AFTER_S`` seconds (a
 job on another host that died). A job whose lock was taken over or deleted refuses to
-save rather than write beside the new owner.
+save rather than write beside the new owner. Two live processes of the same job on one host
+(the same job id, both pids alive) are two writers, not a restart: the second is refused.
+
+[Note: one save at a time per process]
+The lock file names a process; threads of that process share it. So a save also holds a
+process-wide claim on its directory (or file) for its duration: a second ``save_sharded`` or
+``save_full`` into the same place from another thread of the same process, while the first
+runs, is refused at once with a ``CheckpointLockedError`` naming the thread that is saving
+(serialising them instead would let two threads' collectives pair up in different orders on
+different ranks, and a later call could commit older state).
 """
 from __future__ import annotations
 
@@ -21,13 +30,15 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .files import CheckpointError
 
-__all__ = ["CheckpointLockedError", "DirectoryLock", "acquire", "job_identity", "HEARTBEAT_S", "STALE_AFTER_S"]
+__all__ = ["CheckpointLockedError", "DirectoryLock", "acquire", "job_identity", "one_save_at_a_time", "HEARTBEAT_S",
+           "STALE_AFTER_S"]
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -63,7 +74,8 @@ def _stale_reason(holder: dict, age_s: float, me: dict, stale_after_s: float) ->
     """Why a lock held by ``holder`` may be taken over, or None if its owner may be alive."""
     if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
         return f"its process {holder['pid']} on this host is gone"
-    if holder.get("job_id") and holder.get("job_id") == me["job_id"]:
+    alive_here = holder.get("host") == me["host"] and holder.get("pid") != me["pid"]  # (dead pids returned above)
+    if holder.get("job_id") and holder.get("job_id") == me["job_id"] and not alive_here:
         return f"it belongs to this same job ({me['job_id']}), restarted"
     if age_s > stale_after_s:
         return f"it was last refreshed {age_s:.0f} s ago (> {stale_after_s:.0f} s)"
@@ -112,6 +124,32 @@ def _describe(holder: dict) -> str:
 
 
 _held: dict[Path, DirectoryLock] = {}
+_held_guard = threading.Lock()  # acquire() is called from any thread
+_saving: dict[Path, str] = {}  # path -> the thread saving into it (see [Note: one save at a time per process])
+
+
+@contextmanager
+def one_save_at_a_time(target: Path, what: str) -> Iterator[None]:
+    """Claim ``target`` for this thread while ``what`` runs in it.
+
+    Raises:
+        CheckpointLockedError: another thread of this process is saving into ``target`` now.
+    """
+    key = Path(target).resolve()
+    me = threading.current_thread().name
+    with _held_guard:
+        if key in _saving:
+            raise CheckpointLockedError(
+                f"{what} into {key} refused: thread {_saving[key]!r} of this same process (pid {os.getpid()}) is "
+                f"saving into it right now. Saves into one place must not overlap: wait for the first one to "
+                f"return before starting the next (collectives must be issued by one thread in the same order "
+                f"on every rank)")
+        _saving[key] = me
+    try:
+        yield
+    finally:
+        with _held_guard:
+            del _saving[key]
 
 
 def _heartbeat(file: Path, stop: threading.Event, interval: float) -> None:
@@ -130,9 +168,29 @@ def acquire(directory: Path, *, stale_after_s: float = STALE_AFTER_S,
         CheckpointLockedError: another live job holds it (the message names that job).
     """
     directory = directory.resolve()
-    if directory in _held:
-        _held[directory].check_still_ours()
-        return _held[directory]
+    with _held_guard:
+        if directory in _held:
+            _held[directory].check_still_ours()
+            return _held[directory]
+        lock = _take(directory, stale_after_s, heartbeat_s)
+        _held[directory] = lock
+        return lock
+
+
+def _refusal(directory: Path, file: Path, holder: dict, me: dict, stale_after_s: float) -> CheckpointLockedError:
+    """Why the live lock ``holder`` keeps us out, told truly: another job, or another process of this job."""
+    if holder.get("host") == me["host"] and holder.get("job_id") and holder.get("job_id") == me["job_id"]:
+        return CheckpointLockedError(
+            f"checkpoint directory {directory} is locked by another process of this same job "
+            f"({_describe(holder)}), which is still running: two processes of one job are saving into one "
+            f"directory. Give each its own directory (or one process per job saves).")
+    return CheckpointLockedError(
+        f"checkpoint directory {directory} is locked by another job: {_describe(holder)}. Only one "
+        f"job may save into a directory. If that job is dead, delete {file} (or wait: a lock "
+        f"not refreshed for {stale_after_s:.0f} s is taken over).")
+
+
+def _take(directory: Path, stale_after_s: float, heartbeat_s: float) -> DirectoryLock:
     file = directory / "LOCK"
     me = job_identity()
     payload = json.dumps(me).encode()
@@ -149,10 +207,7 @@ def acquire(directory: Path, *, stale_after_s: float = STALE_AFTER_S,
                 continue
             reason = _stale_reason(holder, age, me, stale_after_s)
             if reason is None:
-                raise CheckpointLockedError(
-                    f"checkpoint directory {directory} is locked by another job: {_describe(holder)}. Only one "
-                    f"job may save into a directory. If that job is dead, delete {file} (or wait: a lock "
-                    f"not refreshed for {stale_after_s:.0f} s is taken over).") from None
+                raise _refusal(directory, file, holder, me, stale_after_s) from None
             file.unlink(missing_ok=True)  # stale; a racing taker is caught by O_EXCL above
             continue
         with os.fdopen(fd, "wb") as f:
@@ -163,7 +218,6 @@ def acquire(directory: Path, *, stale_after_s: float = STALE_AFTER_S,
         lock = DirectoryLock(file, me, stop)
         threading.Thread(target=_heartbeat, args=(file, stop, heartbeat_s), daemon=True,
                          name="sfa-checkpoint-lock").start()
-        _held[directory] = lock
         return lock
     raise CheckpointLockedError(f"could not take the lock {file}: other processes keep creating it")
 

@@ -74,6 +74,18 @@ def _check_crc(file: Path, data: bytes, expected: int, field: str) -> None:
                               f"match {field} = {expected:#010x}")
 
 
+def _check_index_format(file: Path, index: dict) -> None:
+    """A rank index names its format, and since version 2 files of this code also its version (older
+    version-2 indexes lack the field: the metadata's version, checked first, covers them)."""
+    if _field(index, "format", str, file) != SHARDED_FORMAT:
+        raise CheckpointError(f"{file}: field 'format' is {index['format']!r}, not a {SHARDED_FORMAT} rank index: "
+                              f"written by another format or version; this code reads {SHARDED_FORMAT} version "
+                              f"{SHARDED_VERSION}")
+    if "version" in index and _field(index, "version", int, file) != SHARDED_VERSION:
+        raise CheckpointError(f"{file}: field 'version' is {index['version']}: written by format version "
+                              f"{index['version']}, this code reads version {SHARDED_VERSION}")
+
+
 class CheckpointReader:
     """A checked view of the newest committed version under ``path`` (see [Note: sharded checkpoint integrity]).
 
@@ -115,8 +127,9 @@ class CheckpointReader:
         if _field(meta, "format", str, file) != SHARDED_FORMAT:
             raise CheckpointError(f"{file}: field 'format' is {meta['format']!r}, not a {SHARDED_FORMAT} checkpoint")
         if _field(meta, "version", int, file) != SHARDED_VERSION:
-            raise CheckpointError(f"{file}: field 'version' is {meta['version']}; this code reads version "
-                                  f"{SHARDED_VERSION} (re-save with the version that wrote it)")
+            raise CheckpointError(f"{file}: field 'version' is {meta['version']}: written by format version "
+                                  f"{meta['version']}, this code reads version {SHARDED_VERSION} (load it with the "
+                                  "sharded_fused_adam release that wrote it)")
         world_size = _field(meta, "world_size", int, file)
         if world_size < 1:
             raise CheckpointError(f"{file}: field 'world_size' must be >= 1, got {world_size}")
@@ -170,6 +183,7 @@ class CheckpointReader:
         file = self.folder / f"{entry['name']}.json"
         binary = self.folder / f"{entry['name']}.bin"
         index = _load_json(file)
+        _check_index_format(file, index)
         for key, expected in (("rank", rank), ("world_size", self.meta["world_size"]), ("nbytes", entry["nbytes"])):
             if _field(index, key, int, file) != expected:
                 raise CheckpointError(f"{file}: field {key!r} is {index[key]}, metadata.json says {expected}")

@@ -29,25 +29,27 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from ..kernels.rule import ADAM
 from .gathered import (FORMAT_VERSION, HasShardState, check_state_fits, merged_groups,
                          saved_groups)
-from .files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, crash_point,
-                               fsync_dir, recover, version_name, write_atomic)
-from .lock import CheckpointLockedError, acquire
+from .files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, CheckpointWriteError,
+                    crash_point, fsync_dir, recover, version_name, write_atomic)
+from .lock import CheckpointLockedError, acquire, one_save_at_a_time
+from .outputs import check_space, write_failure
 from .reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .staging import StagedLoad
 from .state_view import ShardState
 
 __all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointFileMissing",
-           "CheckpointLockedError", "CheckpointReader", "SAVE_STEPS"]
+           "CheckpointLockedError", "CheckpointWriteError", "CheckpointReader", "SAVE_STEPS"]
 
 PathLike = Union[str, os.PathLike]
 _LOCKED = -1  # broadcast instead of a version number when rank 0 could not take the lock
+_NOT_COMMITTED, _COMMITTED_WITHOUT_LATEST = 1, 2  # rank 0's commit outcome, broadcast (0: done)
 
 
 @torch.no_grad()
@@ -63,40 +65,102 @@ def save_sharded(opt: HasShardState, path: PathLike, *, keep_last: int = 1) -> P
         The directory of the new version.
 
     Raises:
-        CheckpointLockedError: another job owns ``path`` (on every rank; nothing is written).
+        CheckpointLockedError: another job owns ``path``, or another thread of this process
+            is saving into it now (nothing is written).
+        CheckpointWriteError: a rank could not write its files (a full disk: the message
+            names the path and the bytes needed); on every rank, nothing was committed and
+            the previous version is intact. Also raised, naming it, when the new version was
+            committed but ``LATEST`` could not be updated.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = Path(path)
-    shards = opt.shard_state()
-    rank = shards.rank
-    version, locked = 0, None
-    if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
+    with one_save_at_a_time(path, "save_sharded"):
+        return _save(opt.shard_state(), path, keep_last)
+
+
+def _agree_version(shards: ShardState, path: Path) -> int:
+    """Rank 0 takes the lock, clears debris and picks the version; every rank learns it (or rank 0's refusal)."""
+    version, refused = 0, None
+    if shards.rank == 0:
         try:
+            path.mkdir(parents=True, exist_ok=True)
             acquire(path)
-            crash_point("locked", rank)
+            crash_point("locked", 0)
             version = recover(path)
-            crash_point("recovered", rank)
-        except (CheckpointError, OSError) as exc:  # the other ranks must not wait for a version forever
-            version, locked = _LOCKED, exc
+            crash_point("recovered", 0)
+        except CheckpointError as exc:  # the other ranks must not wait for a version forever
+            version, refused = _LOCKED, exc
+        except OSError as exc:
+            version, refused = _LOCKED, write_failure(path, exc, 0)
     version_t = torch.tensor([version], dtype=torch.int64, device=shards.device)
     version = int(shards.plan.broadcast_(version_t, what="broadcast of the checkpoint version").item())
     if version == _LOCKED:
-        raise locked or CheckpointLockedError(f"checkpoint directory {path} is locked by another job or could not "
-                                              "be prepared (rank 0's error names the owner); nothing was written")
+        raise refused or CheckpointLockedError(f"checkpoint directory {path} is locked by another job or could not "
+                                               "be prepared (rank 0's error names the cause); nothing was written")
+    return version
+
+
+def _save(shards: ShardState, path: Path, keep_last: int) -> Path:
+    rank = shards.rank
+    version = _agree_version(shards, path)
     tmp = path / f"{version_name(version)}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    crash_point("tmp_created", rank)
-    _write_rank_files(shards, tmp)
+    error, needed = _try_write_rank_files(shards, tmp)
     crash_point("rank_files_written", rank)
-    shards.plan.barrier(shards.device, "barrier after writing the shard files")
+    # float32 (every backend reduces it; HCCL refuses fp64): a count of failed ranks, and MiB needed
+    outcome = torch.tensor([error is not None, needed / 2**20], dtype=torch.float32, device=shards.device)
+    failed, mib = shards.plan.all_reduce_(outcome, what="barrier after writing the shard files").tolist()
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or CheckpointWriteError(
+            f"{failed:.0f} rank(s) could not write their files into {tmp} (their errors say why; the shard files "
+            f"of this save need about {mib:.1f} MiB); nothing was committed, the previous version is intact")
     crash_point("all_ranks_written", rank)
     final = path / version_name(version)
+    code = _NOT_COMMITTED if rank == 0 else 0
     if rank == 0:
-        _commit(shards, path, tmp, final, keep_last)
-    shards.plan.barrier(shards.device, "barrier after committing the checkpoint")
+        try:
+            _commit(shards, path, tmp, final, keep_last)
+            code = 0
+        except (CheckpointError, OSError) as exc:
+            error = exc if isinstance(exc, CheckpointError) else write_failure(tmp, exc, 0)
+            code = _COMMITTED_WITHOUT_LATEST if final.is_dir() else _NOT_COMMITTED
+            shutil.rmtree(tmp, ignore_errors=True)
+    code_t = torch.tensor([code], dtype=torch.int64, device=shards.device)
+    code = int(shards.plan.broadcast_(code_t, what="barrier after committing the checkpoint").item())
+    if code == _NOT_COMMITTED:
+        raise error or CheckpointWriteError(f"rank 0 could not commit {final} (its error says why); nothing was "
+                                            "committed, the previous version is intact")
+    if code == _COMMITTED_WITHOUT_LATEST:
+        raise CheckpointWriteError(f"{final} was committed and loads, but writing LATEST or pruning old versions "
+                                   f"failed afterwards: {error or 'see rank 0'} (the next save repairs LATEST)")
     return final
+
+
+def _try_write_rank_files(shards: ShardState, tmp: Path) -> tuple[Optional[CheckpointError], int]:
+    """Write this rank's files into ``tmp``: (None or the error, the bytes they need)."""
+    needed = sum(t.numel() * t.element_size() for b in shards.buckets for t in b.state_shards().values())
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        crash_point("tmp_created", shards.rank)
+        check_space(tmp / f"rank{shards.rank:05d}.bin", needed)
+        _write_rank_files(shards, tmp)
+    except CheckpointError as exc:
+        return exc, needed
+    except OSError as exc:
+        return _rank_write_failure(shards, tmp, exc, needed), needed
+    return None, needed
+
+
+def _rank_write_failure(shards: ShardState, tmp: Path, exc: OSError, needed: int) -> CheckpointError:
+    """A failed write, named; on rank 0, a lost lock explains it better (another job deleted our folder)."""
+    if shards.rank == 0:
+        try:
+            acquire(tmp.parent)
+        except CheckpointError as lost:
+            return lost
+    return write_failure(tmp / f"rank{shards.rank:05d}.bin", exc, needed)
 
 
 def _commit(shards: ShardState, path: Path, tmp: Path, final: Path, keep_last: int) -> None:
@@ -140,8 +204,9 @@ def _write_rank_files(shards: ShardState, folder: Path) -> None:
                 if b == 0 and key == ADAM.moment_keys[0]:
                     f.flush()
                     crash_point("rank_file_partial", shards.rank)
-    index = {"format": SHARDED_FORMAT, "rank": shards.rank, "world_size": shards.world_size, "nbytes": f.nbytes,
-             "chunks": chunks, "pieces": pieces, "steps": sorted([i, s] for i, s in steps.items())}
+    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": shards.rank,
+             "world_size": shards.world_size, "nbytes": f.nbytes, "chunks": chunks, "pieces": pieces,
+             "steps": sorted([i, s] for i, s in steps.items())}
     write_atomic(folder / f"{name}.json", canonical_json(index))
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ...core.bucket import Bucket
 from ...kernels.rule import ADAM
 from ..gathered import HasShardState, merged_groups, saved_groups
+from ..outputs import staged_dir
 from ..staging import StagedLoad, staged_keys
 from .apply import Names, param_fqns
 from .dcp_chunks import FlatChunks, SavePlanner, load_values, read_metadata, storage_writer
@@ -207,6 +210,16 @@ def write_dcp(state: NamedState, dst: PathLike, *, key: str = "optimizer") -> No
         out[name] = entry
     groups = [{**g, "params": list(g["params"])} for g in state.groups]
     sd = _with_flat_groups({"state": out, "param_groups": groups})
-    with warnings.catch_warnings():
+    needed = sum(p.shape.numel() * 4 * (len(out[n]) - 1) for n, p in state.params.items())  # all but the steps
+    with staged_dir(Path(dst), needed=needed) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({key: sd} if key else sd, storage_writer=storage_writer(dst), no_dist=True, planner=SavePlanner())
+        try:
+            dcp.save({key: sd} if key else sd, storage_writer=storage_writer(tmp), no_dist=True, planner=SavePlanner())
+        except CheckpointException as exc:  # a BaseException; what failed underneath is an OSError on a full disk
+            raise _first_failure(exc) from exc
+
+
+def _first_failure(exc: CheckpointException) -> BaseException:
+    for failure in exc.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return RuntimeError(str(exc))

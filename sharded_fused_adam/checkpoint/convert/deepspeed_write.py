@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from .state import MOMENT_KEYS, CheckpointError, NamedState, StateTensor, check_complete
-from .torch_files import LazyTensor, placeholder, save_streamed
+from ..outputs import staged_dir, write_small
+from .torch_files import LazyTensor, data_nbytes, placeholder, save_streamed
 
 __all__ = ["write_deepspeed", "model_states", "DS_VERSION_WRITTEN"]
 
@@ -87,21 +88,23 @@ def write_deepspeed(state: NamedState, dst: PathLike, *, world_size: int, stage:
         raise CheckpointError(f"the module state dict has no weights for params {missing[:5]}")
     meta = model_states(state, module, world_size=world_size, stage=stage, buffer_names=buffer_names)
     tag = tag or f"global_step{meta['global_steps']}"
-    folder = Path(dst) / tag
-    folder.mkdir(parents=True, exist_ok=True)
+    final = Path(dst) / tag
     masters = {n: state.weights.get(n) or StateTensor.whole(_as_tensor(module[n]), "module") for n in state.params}
     fillers: dict[int, Callable] = {}
     meta["module"] = {k: placeholder(v.shape, v.read, fillers, v.dtype) if isinstance(v, LazyTensor) else v
                       for k, v in module.items()}
     if stage == 0:
         meta["optimizer"] = _torch_state_dict(state, fillers)
-    save_streamed(meta, folder / "mp_rank_00_model_states.pt", fillers)
-    if stage > 0:
-        for rank in range(world_size):
-            _write_partition(state, folder, rank, world_size, stage, masters)
-            progress(1)
-    (Path(dst) / "latest").write_text(tag)
-    return folder
+    # a lower bound on the bytes written, compared with the free space before anything is written
+    needed = data_nbytes(meta) + (state.numel * 4 * 3 if stage > 0 else 0)  # exp_avg, exp_avg_sq, fp32 master
+    with staged_dir(final, needed=needed) as folder:  # the tag folder appears complete or not at all
+        save_streamed(meta, folder / "mp_rank_00_model_states.pt", fillers)
+        if stage > 0:
+            for rank in range(world_size):
+                _write_partition(state, folder, rank, world_size, stage, masters)
+                progress(1)
+    write_small(Path(dst) / "latest", tag.encode())
+    return final
 
 
 def _as_tensor(value: Any) -> Any:

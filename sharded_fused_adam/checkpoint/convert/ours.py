@@ -17,7 +17,8 @@ import torch
 
 from ...kernels.rule import ADAM
 from ..gathered import FORMAT_VERSION
-from ..files import ChecksumFile, committed_versions, fsync_dir, version_name, write_atomic
+from ..files import ChecksumFile, check_version, committed_versions, crc32_of, version_name, write_atomic
+from ..outputs import staged_dir, write_small
 from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
 from .deepspeed import step_value
 from .state import MASTER_KEY, MOMENT_KEYS, SHAPE_KEY, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
@@ -98,6 +99,7 @@ def read_torch(path: PathLike, names: Optional[Sequence[str]] = None) -> NamedSt
     sd = load_lazy(path)
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise CheckpointError(f"{path} is not an optimizer state dict (no 'state'/'param_groups')")
+    check_version(path, sd.get("sharded_fused_adam"), FORMAT_VERSION)
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     fqns = _names(sd["param_groups"], names, str(path))
     name_of = dict(zip(ids, fqns))
@@ -132,39 +134,55 @@ def _torch_groups(state: NamedState) -> list[dict[str, Any]]:
     return groups
 
 
+class _Checksummed:
+    """A filler that keeps the CRC-32 of what it returned (in order, as float32: what ``save_streamed`` writes),
+    and the filler of a one-element int64 placeholder that holds that CRC, written after the data."""
+
+    def __init__(self, read: Callable[[int, int], torch.Tensor]):
+        self.source, self.crc = read, 0
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        piece = self.source(start, end).to(torch.float32).contiguous()
+        self.crc = crc32_of(piece, self.crc)
+        return piece
+
+    def value(self, start: int, end: int) -> torch.Tensor:
+        return torch.tensor([self.crc], dtype=torch.int64)
+
+
 def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], None] = lambda n: None) -> None:
-    """Write a torch.optim.Adam-layout state dict file, streamed (``load_full`` and torch read it)."""
+    """Write a torch.optim.Adam-layout state dict file, streamed (``load_full`` and torch read it).
+
+    Like ``save_full``, it records the CRC-32 of every state tensor under
+    ``sharded_fused_adam.crc32``, which ``load_full`` verifies; the CRCs are computed while
+    the data is written and stored in int64 placeholders written after it.
+    """
     check_complete(state)
     order = [n for g in state.groups for n in g["params"]]
     fillers: dict[int, Callable] = {}
     out: dict[int, dict] = {}
+    crcs: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(order):
         p = state.params[name]
         entry: dict[str, Any] = {"step": torch.tensor(float(p.step))}
-        for key, tensor in p.tensors.items():
-            entry[key] = placeholder(p.shape, tensor.read, fillers)
+        crcs[i] = {"step": crc32_of(entry["step"])}
+        sources = {key: tensor.read for key, tensor in p.tensors.items()}
         if state.extra.get("masters") and name in state.weights:
-            entry[MASTER_KEY] = placeholder(p.shape, state.weights[name].read, fillers)
+            sources[MASTER_KEY] = state.weights[name].read
+        for key, read in sources.items():
+            checksummed = _Checksummed(read)
+            entry[key] = placeholder(p.shape, checksummed.read, fillers)
+            crcs[i][key] = placeholder((), checksummed.value, fillers, torch.int64)
         out[i] = entry
     extra = {"version": FORMAT_VERSION, "world_size": 1,
-             "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}
+             "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}, "crc32": crcs}
+    # "state" before "sharded_fused_adam": save_streamed fills in this order, so every CRC is final when written
     save_streamed({"state": out, "param_groups": _torch_groups(state), "sharded_fused_adam": extra}, path, fillers)
     progress(state.numel)
 
 
-def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
-    """Write a sharded checkpoint folder (one rank file with whole params), param by param.
-
-    The folder is the same format ``save_sharded`` writes at world size 1 (checksummed
-    chunks of at most 16M elements, rank index, metadata), committed by one rename.
-    """
-    check_complete(state)
-    dst = Path(dst)
-    if committed_versions(dst) if dst.exists() else False:
-        raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
-    final = dst / version_name(1)
-    folder = dst / f"{final.name}.tmp"
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_version(state: NamedState, folder: Path, progress: Callable[[int], None]) -> None:
+    """The files of one version (see [Note: sharded checkpoint format]) into ``folder``."""
     order = [n for g in state.groups for n in g["params"]]
     pieces, chunks = [], []
     with ChecksumFile(folder / "rank00000.bin") as f:
@@ -183,8 +201,8 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
                     pieces.append([i, key, "float32", start, end, offset])
             progress(numel)
     steps = [[i, state.params[n].step] for i, n in enumerate(order)]
-    index = {"format": SHARDED_FORMAT, "rank": 0, "world_size": 1, "nbytes": f.nbytes, "chunks": chunks,
-             "pieces": pieces, "steps": steps}
+    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": 0, "world_size": 1, "nbytes": f.nbytes,
+             "chunks": chunks, "pieces": pieces, "steps": steps}
     raw_index = canonical_json(index)
     write_atomic(folder / "rank00000.json", raw_index)
     with ChecksumFile(folder / "common.pt") as common:
@@ -197,8 +215,20 @@ def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None]
             "common": {"nbytes": common.nbytes, "crc32": common.crc}}
     meta["crc32"] = zlib.crc32(canonical_json(meta))
     write_atomic(folder / "metadata.json", canonical_json(meta))
-    fsync_dir(folder)
-    os.replace(folder, final)
-    write_atomic(dst / "LATEST", final.name.encode())
-    fsync_dir(dst)
+
+
+def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write a sharded checkpoint folder (one rank file with whole params), param by param.
+
+    The folder is the same format ``save_sharded`` writes at world size 1 (checksummed
+    chunks of at most 16M elements, rank index, metadata), committed by one rename.
+    """
+    check_complete(state)
+    dst = Path(dst)
+    if committed_versions(dst) if dst.exists() else False:
+        raise FileExistsError(f"{dst} already holds a sharded checkpoint; convert into a new folder")
+    final = dst / version_name(1)
+    with staged_dir(final, needed=state.numel * 4 * 2) as folder:  # a lower bound: exp_avg and exp_avg_sq
+        _write_version(state, folder, progress)
+    write_small(dst / "LATEST", final.name.encode())
     return final

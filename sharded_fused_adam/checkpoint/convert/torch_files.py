@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-__all__ = ["LazyTensor", "load_lazy", "save_streamed", "placeholder", "iter_tensors", "Filler"]
+from ..outputs import data_nbytes, pwrite_all, staged_file, torch_save
+
+__all__ = ["LazyTensor", "load_lazy", "save_streamed", "save_small", "data_nbytes", "placeholder", "iter_tensors",
+           "Filler"]
 
 PathLike = Union[str, os.PathLike]
 Filler = Callable[[int, int], torch.Tensor]  # (start, end) flattened elements -> a tensor of them
@@ -74,6 +77,13 @@ class LazyTensor:
 
 
 def _record_offsets(path: Path) -> tuple[str, dict[str, int]]:
+    try:
+        return _zip_records(path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path} is not a torch.save zip file: {exc}") from exc
+
+
+def _zip_records(path: Path) -> tuple[str, dict[str, int]]:
     with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -165,26 +175,37 @@ def save_streamed(obj: Any, path: PathLike, fillers: dict[int, Filler]) -> None:
 
     Each placeholder must be a contiguous CPU tensor that owns its whole storage (``torch.empty``);
     its bytes are written afterwards, ``_CHUNK_ELEMENTS`` at a time, from ``fillers[id(t)](start, end)``.
-    Other tensors are written as usual. The file is written under a temporary name and renamed.
+    Other tensors are written as usual. Every byte is checked and the file is renamed onto
+    ``path`` only when complete (see [Note: checkpoint outputs]).
+
+    Raises:
+        CheckpointWriteError: a full disk or another write failure, naming ``path``; ``path``
+            is untouched and no temporary file is left.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with torch.serialization.skip_data():
-        torch.save(obj, tmp)
-    placed = dict(iter_tensors(load_lazy(tmp)))
-    with open(tmp, "r+b") as f:
-        for where, tensor in iter_tensors(obj):
-            fill = fillers.get(id(tensor))
-            target = placed[where]
-            if fill is None:
-                data = tensor.detach().contiguous().reshape(-1)
-                os.pwrite(f.fileno(), memoryview(data.view(torch.uint8).numpy()), target.byte_offset)
-                continue
-            item = tensor.element_size()
-            for start in range(0, tensor.numel(), _CHUNK_ELEMENTS):
-                end = min(start + _CHUNK_ELEMENTS, tensor.numel())
-                piece = fill(start, end).to(tensor.dtype).contiguous()
-                os.pwrite(f.fileno(), memoryview(piece.view(torch.uint8).numpy()), target.byte_offset + start * item)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with staged_file(path, needed=data_nbytes(obj)) as tmp:
+        with torch.serialization.skip_data():
+            torch_save(obj, tmp)
+        placed = dict(iter_tensors(load_lazy(tmp)))
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for where, tensor in iter_tensors(obj):
+                fill = fillers.get(id(tensor))
+                target = placed[where]
+                if fill is None:
+                    data = tensor.detach().contiguous().reshape(-1)
+                    pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), target.byte_offset, tmp)
+                    continue
+                item = tensor.element_size()
+                for start in range(0, tensor.numel(), _CHUNK_ELEMENTS):
+                    end = min(start + _CHUNK_ELEMENTS, tensor.numel())
+                    piece = fill(start, end).to(tensor.dtype).contiguous()
+                    pwrite_all(fd, memoryview(piece.view(torch.uint8).numpy()), target.byte_offset + start * item, tmp)
+        finally:
+            os.close(fd)
+
+
+def save_small(obj: Any, path: PathLike) -> None:
+    """``torch.save`` of an object held in memory, through ``staged_file`` (see [Note: checkpoint outputs])."""
+    with staged_file(Path(path), needed=data_nbytes(obj)) as tmp:
+        torch_save(obj, tmp)

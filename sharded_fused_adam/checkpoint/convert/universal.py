@@ -25,7 +25,8 @@ from .deepspeed import checkpoint_folder, step_value
 from .deepspeed_write import DS_VERSION_WRITTEN, model_states
 from .state import MOMENT_KEYS, CheckpointError, NamedState, ParamState, StateTensor, check_complete, \
     group_hyperparameters
-from .torch_files import LazyTensor, load_lazy, placeholder, save_streamed
+from ..outputs import staged_dir, write_small
+from .torch_files import LazyTensor, data_nbytes, load_lazy, placeholder, save_small, save_streamed
 
 __all__ = ["read_universal", "write_universal"]
 
@@ -117,35 +118,39 @@ def write_universal(state: NamedState, dst: PathLike, *, module: Mapping[str, An
         raise CheckpointError(f"no fp32 weights for params {missing[:5]}: pass the model's state dict")
     meta = model_states(state, {}, world_size=1, stage=2, buffer_names=buffer_names)
     tag = tag or f"global_step{meta['global_steps']}_universal"
-    folder = Path(dst) / tag
-    zero = folder / "zero"
-    zero.mkdir(parents=True, exist_ok=True)
     fillers: dict[int, Callable] = {}
     meta["module"] = {k: placeholder(v.shape, v.read, fillers, v.dtype) if isinstance(v, LazyTensor) else v
                       for k, v in module.items()}
-    save_streamed(meta, folder / "mp_rank_00_model_states.pt", fillers)
-    for name, param in state.params.items():
-        param_dir = zero / name
-        param_dir.mkdir(parents=True, exist_ok=True)
-        sources = dict(param.tensors)
-        sources["fp32"] = state.weights.get(name) or StateTensor.whole(_to_reader(module[name]), "module")
-        for key, source in sources.items():
-            fill: dict[int, Callable] = {}
-            value = placeholder(param.shape, source.read, fill)
-            save_streamed({"param": value, "cat_dim": 0}, param_dir / f"{key}.pt", fill)
-        torch.save(torch.tensor(float(param.step)), param_dir / "step.pt")
-        progress(param.shape.numel())
-    for name, value in module.items():  # buffers and frozen params: weights only, as ds_to_universal does
-        if name not in state.params and isinstance(value, (torch.Tensor, LazyTensor)):
-            (zero / name).mkdir(parents=True, exist_ok=True)
-            torch.save({"param": _to_reader(value).load().float() if isinstance(value, LazyTensor) else value.float()},
-                       zero / name / "fp32.pt")
-    common = {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
-                               for i, g in enumerate(state.groups)],
-              "zero_stage": 2, "partition_count": 1, "ds_version": DS_VERSION_WRITTEN}
-    torch.save(common, zero / "optimizer_state.pt")
-    (Path(dst) / "latest_universal").write_text(tag)
-    return folder
+    needed = data_nbytes(meta) + state.numel * 4 * 3  # a lower bound: exp_avg, exp_avg_sq, fp32 of every param
+    with staged_dir(Path(dst) / tag, needed=needed) as folder:  # the tag folder appears complete or not at all
+        zero = folder / "zero"
+        zero.mkdir()
+        save_streamed(meta, folder / "mp_rank_00_model_states.pt", fillers)
+        for name, param in state.params.items():
+            _write_param(zero / name, param, state.weights.get(name) or StateTensor.whole(_to_reader(module[name]),
+                                                                                           "module"))
+            progress(param.shape.numel())
+        for name, value in module.items():  # buffers and frozen params: weights only, as ds_to_universal does
+            if name not in state.params and isinstance(value, (torch.Tensor, LazyTensor)):
+                (zero / name).mkdir(parents=True, exist_ok=True)
+                weights = _to_reader(value).load().float() if isinstance(value, LazyTensor) else value.float()
+                save_small({"param": weights}, zero / name / "fp32.pt")
+        common = {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
+                                   for i, g in enumerate(state.groups)],
+                  "zero_stage": 2, "partition_count": 1, "ds_version": DS_VERSION_WRITTEN}
+        save_small(common, zero / "optimizer_state.pt")
+    write_small(Path(dst) / "latest_universal", tag.encode())
+    return Path(dst) / tag
+
+
+def _write_param(param_dir: Path, param: ParamState, fp32: StateTensor) -> None:
+    """One param's folder: its moments and fp32 weights, each one whole tensor, and its step."""
+    param_dir.mkdir(parents=True, exist_ok=True)
+    for key, source in {**param.tensors, "fp32": fp32}.items():
+        fill: dict[int, Callable] = {}
+        value = placeholder(param.shape, source.read, fill)
+        save_streamed({"param": value, "cat_dim": 0}, param_dir / f"{key}.pt", fill)
+    save_small(torch.tensor(float(param.step)), param_dir / "step.pt")
 
 
 def _to_reader(value: Any) -> Any:
