@@ -98,7 +98,8 @@ def _local_grad(layout: str, rank: int, name: str, grad: torch.Tensor) -> torch.
     return _tp_slice(name, grad, rank % 2) if layout == "tp" else grad
 
 
-def _train_3d(rank: int, world_size: int, layout: str, clip: str, inject: tuple[int, ...]) -> dict:
+def _train_3d(rank: int, world_size: int, layout: str, clip: str, inject: tuple[int, ...],
+              grads: str = "sharded") -> dict:
     dp_group, mp_group = _groups(rank)
     dp_rank, tp_rank = rank // 2, (rank % 2 if layout == "tp" else 0)
     full = _full_model()
@@ -109,7 +110,7 @@ def _train_3d(rank: int, world_size: int, layout: str, clip: str, inject: tuple[
     scaled = bool(inject)
     opt = ShardedFusedAdamW(list(zip(names, params)), lr=1e-2, weight_decay=0.1,
                             mpu=FakeMpu(dp_group, mp_group, tp_rank), loss_scale="dynamic" if scaled else None,
-                            **kwargs)
+                            grads=grads, **kwargs)
     scale = opt.loss_scale
     diffs, norms, ref_norms, skipped, scales = [], [], [], [], []
     for step in range(STEPS):
@@ -151,6 +152,13 @@ def test_3d_layouts_match_one_full_model(ranks, layout, clip):
             assert len(r["norms"]) == STEPS and r["norms"] == pytest.approx(r["ref_norms"], rel=TOL)
             assert min(r["ref_norms"]) > 1.0, "the test must clip on every step"
         assert r["norms"] == out[0]["norms"]  # every rank reports the same norm
+
+
+@pytest.mark.parametrize("clip", ["max_grad_norm", "clip_grad_norm_"])
+def test_replicated_gradients_clip_by_the_global_norm_too(ranks, clip):
+    for r in ranks(_train_3d, 4, "tp", clip, (), "replicated"):
+        assert max(r["diffs"]) <= TOL, r["diffs"]
+        assert r["norms"] == pytest.approx(r["ref_norms"], rel=TOL)
 
 
 @pytest.mark.parametrize("layout", ["tp", "pp"])

@@ -102,3 +102,16 @@ def test_a_stuck_rank_of_a_subgroup_is_named_by_its_global_rank(ranks):
     message = ranks(_stuck_in_subgroup, 4, timeout_s=60)[1]
     assert "failed on global rank 1 (rank 0 of 2 in the group of global ranks [1, 3])" in message, message
     assert "global rank(s) [3] never reached it" in message, message
+
+
+def test_a_deepspeed_engine_hands_its_mpu_to_the_optimizer(monkeypatch):
+    """Stage 0: the optimizer DeepSpeed builds from the config gets ``deepspeed.initialize(mpu=...)``."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from sharded_fused_adam.integrations.deepspeed_modes import ShardedMode, pending_loss_scale
+
+    mpu = FakeMpu(None, None, 0)  # one process: plain data parallel groups
+    with pending_loss_scale(None, mpu):
+        opt = ShardedMode().build("ShardedFusedAdam", [torch.nn.Parameter(torch.ones(3))], {"lr": 1e-3})
+    assert opt.options.mpu is mpu
+    outside = ShardedMode().build("ShardedFusedAdam", [torch.nn.Parameter(torch.ones(3))], {"lr": 1e-3})
+    assert outside.options.mpu is None

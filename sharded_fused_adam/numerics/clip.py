@@ -4,7 +4,10 @@ With sharded gradients ``param.grad`` is None after backward (the averaged gradi
 the owning ``ShardedFusedAdam``), so torch's functions would clip nothing. These take the
 same arguments, find the optimizer that owns the params and clip its averaged gradients
 there; params that no ShardedFusedAdam owns (or one with ``grads="replicated"``, whose
-``param.grad`` is real) go to torch's own function.
+``param.grad`` is real) go to torch's own function. An optimizer built with an ``mpu`` gets
+its params back even with ``grads="replicated"``: torch's function would clip each
+model-parallel rank by its own part of the norm, while the optimizer's norm spans them all
+(the clip then applies at the next ``step()``, like the sharded one).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ def owner_of(p: torch.Tensor) -> Any:
 
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None and o.options.grads == "sharded"}
+    owners = {id(o): o for o in (owner_of(p) for p in params)
+              if o is not None and (o.options.grads == "sharded" or o.options.mpu is not None)}
     if not owners:
         return None, params
     if len(owners) > 1:
