@@ -288,9 +288,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _grad_stats(self, norm_type: float) -> GradStats:
         """The global gradient facts (overflow, norm, which params have a gradient): a collective, cached."""
         if norm_type not in self._stats:
-            t = self._topology  # TP duplicates count on tensor-parallel rank 0 only
+            t = self._topology  # with an mpu: TP duplicates and tied copies count once ([Note: topology])
             self._stats[norm_type] = grad_stats(self._buckets, self._plan, t.counts_in_norm,
-                                                t.tensor_parallel_rank == 0, norm_type, self.device)
+                                                not t.model_parallel, norm_type, self.device)
         return self._stats[norm_type]
 
     def _clip_coefficient(self, loss_scale: float) -> float:

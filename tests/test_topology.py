@@ -44,6 +44,9 @@ def test_megatron_and_deepspeed_mark_split_params():
     assert Topology(tensor_parallel_rank=1).counts_in_norm(split)
     assert not Topology(tensor_parallel_rank=1).counts_in_norm(copy)
     assert Topology(tensor_parallel_rank=0).counts_in_norm(copy)
+    tied = torch.ones(2)
+    tied.shared = True  # Megatron's last-stage copy of the word embeddings
+    assert not Topology(tensor_parallel_rank=0).counts_in_norm(tied)
 
 
 def _meshes_and_mpu(rank: int, world_size: int) -> dict:

@@ -17,7 +17,9 @@ parallelism they have different answers, so each has a field of its own:
   them as well, so every rank clips by the same norm and skips the same steps. A param
   split across tensor-parallel ranks is marked ``tensor_model_parallel = True`` (Megatron)
   or ``model_parallel = True`` (DeepSpeed); every other param is a copy on each
-  tensor-parallel rank and is counted in the norm by tensor-parallel rank 0 only.
+  tensor-parallel rank and is counted in the norm by tensor-parallel rank 0 only. A param
+  marked ``shared = True`` (Megatron's copy of the word embeddings on the last pipeline
+  stage, tied to the first stage's) is not counted at all: its twin is.
 
 The per-param has-gradient mask is agreed over the data-parallel ranks only: pipeline
 stages hold different params, so their masks are not comparable.
@@ -109,7 +111,10 @@ class Topology:
         return self.model_parallel_group is not None
 
     def counts_in_norm(self, p: torch.Tensor) -> bool:
-        """Whether this rank counts ``p`` in the global gradient norm (TP duplicates: rank 0 only)."""
+        """Whether this rank counts ``p`` in the global gradient norm (TP duplicates: rank 0 only;
+        Megatron's ``shared`` tied copies: never)."""
+        if getattr(p, "shared", False):
+            return False
         return self.tensor_parallel_rank == 0 or is_tensor_parallel(p)
 
     def data_parallel_ranks(self) -> list[int]:

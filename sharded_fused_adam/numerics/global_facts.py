@@ -31,7 +31,7 @@ def norm_shards(buckets: Sequence[Bucket], counts: Callable[[torch.Tensor], bool
     Args:
         buckets: the optimizer's buckets (those without a valid gradient shard are skipped).
         counts: whether this rank counts a param in the norm.
-        everything: every param counts here (plain data parallelism, tensor-parallel rank 0):
+        everything: every param counts here (no model parallelism):
             the whole shards, exactly as before.
 
     Returns:
