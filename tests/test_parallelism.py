@@ -174,12 +174,12 @@ def test_an_overflow_in_one_stage_skips_the_step_everywhere(ranks, layout):
 
 
 # ---- model-parallel gradient reductions under grads="sharded" -----------------------------------
-def _sequence_parallel(rank: int, world_size: int, use_hook: bool) -> dict:
+def _sequence_parallel(rank: int, world_size: int, use_hook: bool, grads: str = "sharded") -> dict:
     """A sequence-parallel norm weight: each tensor-parallel rank's backward gives a partial gradient."""
     dp_group, mp_group = _groups(rank)
     weight = torch.nn.Parameter(torch.ones(D))
     ref_weight = torch.nn.Parameter(torch.ones(D))
-    opt = ShardedFusedAdamW([weight], lr=1e-2, mpu=FakeMpu(dp_group, mp_group, rank % 2))
+    opt = ShardedFusedAdamW([weight], lr=1e-2, mpu=FakeMpu(dp_group, mp_group, rank % 2), grads=grads)
     ref = torch.optim.AdamW([ref_weight], lr=1e-2, fused=True)
     if use_hook:
         opt.register_pre_reduce_hook(lambda: dist.all_reduce(weight.grad, group=mp_group))
@@ -200,8 +200,9 @@ def _sequence_parallel(rank: int, world_size: int, use_hook: bool) -> dict:
     return dict(diff=(weight - ref_weight).abs().max().item(), warnings=caught)
 
 
-def test_a_pre_reduce_hook_reduces_model_parallel_gradients(ranks):
-    for r in ranks(_sequence_parallel, 4, True):
+@pytest.mark.parametrize("grads", ["sharded", "replicated"])
+def test_a_pre_reduce_hook_reduces_model_parallel_gradients(ranks, grads):
+    for r in ranks(_sequence_parallel, 4, True, grads):
         assert r["diff"] <= 1e-6, r  # (p0 + p1) summed over TP first: another order than the oracle's
 
 

@@ -117,16 +117,6 @@ class Topology:
             return False
         return self.tensor_parallel_rank == 0 or is_tensor_parallel(p)
 
-    def data_parallel_ranks(self) -> list[int]:
-        """The global ranks whose gradients are averaged together (shard x replicate)."""
-        shard = _ranks(self.shard_group)
-        if self.replicate_group is None:
-            return sorted(shard)
-        # Every shard rank's replicate group has the same shape: gather them all.
-        groups: list = [None] * len(shard)
-        dist.all_gather_object(groups, _ranks(self.replicate_group), group=self.shard_group)
-        return sorted(r for g in groups for r in g)
-
 
 def _from_mpu(mpu: Any) -> Topology:
     """Megatron's ``parallel_state`` (or DeepSpeed's ``mpu``): the data-parallel group shards."""
@@ -134,6 +124,12 @@ def _from_mpu(mpu: Any) -> Topology:
     if missing:
         raise TypeError(f"mpu must provide Megatron's parallel_state functions; {type(mpu).__name__} lacks "
                         f"{missing}")
+    get_cp_size = getattr(mpu, "get_context_parallel_world_size", None)
+    if callable(get_cp_size) and get_cp_size() > 1:
+        # Megatron averages gradients over data x context-parallel ranks; get_data_parallel_group()
+        # alone would leave the context-parallel partial gradients unsummed.
+        raise ValueError(f"the mpu has context parallelism (size {get_cp_size()}), which ShardedFusedAdam does not "
+                         "support yet: gradients would not be summed over the context-parallel ranks")
     get_tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", None) or getattr(mpu, "get_model_parallel_rank")
     mp_group = mpu.get_model_parallel_group()
     if mp_group is not None and len(_ranks(mp_group)) == 1:
