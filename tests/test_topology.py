@@ -19,6 +19,11 @@ class _NoMpu:
         return None
 
 
+class _NoTensorParallelRank(_NoMpu):
+    def get_model_parallel_group(self):
+        return None
+
+
 class _ContextParallelMpu(FakeMpu):
     def get_context_parallel_world_size(self) -> int:
         return 2
@@ -28,6 +33,7 @@ class _ContextParallelMpu(FakeMpu):
     (lambda: Topology(tensor_parallel_rank=-1), ValueError, "tensor_parallel_rank must be >= 0, got -1"),
     (lambda: resolve_topology(object(), object(), None), ValueError, "pass process_group, or mpu"),
     (lambda: resolve_topology(None, _NoMpu(), None), TypeError, "lacks ['get_model_parallel_group']"),
+    (lambda: resolve_topology(None, _NoTensorParallelRank(), None), TypeError, "has neither"),
     (lambda: resolve_topology(None, _ContextParallelMpu(None, None, 0), None), ValueError,
      "context parallelism (size 2)"),
     (lambda: ShardedFusedAdamW([torch.nn.Parameter(torch.ones(2))], mpu=object()), TypeError,

@@ -130,7 +130,10 @@ def _from_mpu(mpu: Any) -> Topology:
         # alone would leave the context-parallel partial gradients unsummed.
         raise ValueError(f"the mpu has context parallelism (size {get_cp_size()}), which ShardedFusedAdam does not "
                          "support yet: gradients would not be summed over the context-parallel ranks")
-    get_tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", None) or getattr(mpu, "get_model_parallel_rank")
+    get_tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", None) or getattr(mpu, "get_model_parallel_rank", None)
+    if not callable(get_tp_rank):
+        raise TypeError(f"mpu must provide get_tensor_model_parallel_rank (Megatron) or get_model_parallel_rank "
+                        f"(DeepSpeed); {type(mpu).__name__} has neither")
     mp_group = mpu.get_model_parallel_group()
     if mp_group is not None and len(_ranks(mp_group)) == 1:
         mp_group = None  # no model parallelism: plain data parallel
