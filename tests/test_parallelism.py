@@ -219,14 +219,14 @@ def _mesh():
     return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 
 
-def _hybrid(rank: int, world_size: int, clip: bool, folder: str) -> dict:
+def _hybrid(rank: int, world_size: int, clip: bool, folder: str, grads: str = "sharded") -> dict:
     mesh = _mesh()  # shard groups [0, 1] and [2, 3]; replicate groups [0, 2] and [1, 3]
     full = _full_model()
     oracle = [torch.nn.Parameter(full[n].clone()) for n in NAMES]
     params = [torch.nn.Parameter(full[n].clone()) for n in NAMES]
     ref = torch.optim.AdamW(oracle, lr=1e-2, weight_decay=0.1, fused=True)
     opt = ShardedFusedAdamW(list(zip(NAMES, params)), lr=1e-2, weight_decay=0.1, device_mesh=mesh,
-                            max_grad_norm=1.0 if clip else None)
+                            max_grad_norm=1.0 if clip else None, grads=grads)
     diffs, norms, ref_norms = [], [], []
     for step in range(STEPS):
         grads = [_full_grads(oracle, step, d) for d in range(4)]
@@ -254,6 +254,11 @@ def _hybrid(rank: int, world_size: int, clip: bool, folder: str) -> dict:
         out["reloaded_equal"] = all(torch.equal(mine["state"][i][k], theirs["state"][i][k])
                                     for i in mine["state"] for k in mine["state"][i])
     return out
+
+
+def test_hybrid_sharding_with_replicated_gradients(ranks):
+    for r in ranks(_hybrid, 4, False, "", "replicated"):
+        assert max(r["diffs"]) == 0.0, r["diffs"]  # all-reduced over the shard group, then the replicas
 
 
 @pytest.mark.parametrize("clip", [False, True])
