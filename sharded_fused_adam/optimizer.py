@@ -275,7 +275,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             self._stats = {}
         if self._watch.read_none_while_held:
             self._watch.read_none_while_held = False
-            self._warn_once("read_none", READ_NONE_WARNING + PRE_REDUCE_HINT)
+            self._warn_once("read_none", READ_NONE_WARNING + (PRE_REDUCE_HINT if self._topology.model_parallel else ""))
 
     def _record_verdict(self, stats: GradStats, loss_scale: float, grad_scaler: Any) -> None:
         self.overflow = stats.found_inf
