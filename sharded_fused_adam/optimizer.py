@@ -8,6 +8,7 @@ into the model's params (gather).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -17,18 +18,21 @@ import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
-from .comm.plans import CommCounter, choose_comm_plan
+from .comm.plans import CommCounter
+from .comm.topology import agree_at_startup, build_plan, check_no_dtensor, resolve_topology
 from .core.flat_buffer import check_unmoved
+from .grads.hooks import PRE_REDUCE_HINT
 from .kernels import select_kernel
 from .core.memory import MemoryReport, memory_report
 from .options import ShardingOptions
 from .comm.param_gather import ParamGather
-from .numerics.precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
-                        report_to_grad_scaler)
+from .numerics.clip import link_owner
+from .numerics.global_facts import clip_factor, grad_stats
+from .numerics.precision import GradStats, make_loss_scaler, report_to_grad_scaler, scale_for_step
 from .grads.reducer import GradReducer
 from .grads.replicated import ReplicatedGrads
 from .checkpoint.state_view import ShardState
-from .comm.startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
+from .comm.startup import newly_trainable, require_process_group
 from .core.validation import ParamRegistry, check_params
 from .kernels.rule import ADAM, adam_defaults, check_hyperparameters
 
@@ -64,7 +68,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         fused: ``None``/``True`` is what this optimizer does; ``False`` warns.
         capturable: ``True`` (CUDA-graph capture of ``step()``) raises NotImplementedError.
         differentiable: ``True`` (autograd through ``step()``) raises NotImplementedError.
-        **options: the fields of ``ShardingOptions`` (process_group, grads, kernel,
+        **options: the fields of ``ShardingOptions`` (process_group, mpu, device_mesh, grads, kernel,
             bucket_cap_mb, overlap, reduce_dtype, comm, max_grad_norm, loss_scale,
             collective_timeout, reduce_gradients, broadcast_params, state_dict_timeout,
             master_weights, state_dtype).
@@ -97,6 +101,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                                  capturable=capturable, differentiable=differentiable)
         opts = ShardingOptions.from_kwargs(options)
         require_process_group(opts.process_group)
+        self._topology = resolve_topology(opts.process_group, opts.mpu, opts.device_mesh)  # [Note: topology]
+        if self._topology.source != "process_group":
+            check_no_dtensor(params)
         self._registry = ParamRegistry()
         self._buckets: list[Bucket] = []
         self._idle: list[torch.Tensor] = []
@@ -108,9 +115,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.device = self._registry.device
         self.comm_counter = CommCounter()
         timeout = timedelta(seconds=opts.collective_timeout) if opts.collective_timeout is not None else None
-        self._plan = choose_comm_plan(opts.process_group, self.device, opts.comm, self.comm_counter, timeout)
-        self.rank, self.world_size = self._plan.rank, self._plan.world_size
-        self._options = ShardingOptions.from_kwargs({**options, "process_group": None})  # no group ref kept
+        self._plan = build_plan(self._topology, self.device, opts.comm, self.comm_counter, timeout)
+        self.rank, self.world_size = self._plan.rank, self._plan.world_size  # in the shard group
+        self._options = dataclasses.replace(opts, process_group=None, device_mesh=None)  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
         self._state_dict_calls = StateDictCalls(self._plan, opts.state_dict_timeout)
         self.max_grad_norm = opts.max_grad_norm
@@ -122,9 +129,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.overflow = False
         self._global_grad_norm: Optional[float] = None
         self.last_step_comm_bytes: dict[str, int] = {}
-        agree_on_layout(self._plan, describe_params(self.param_groups), self.device)
-        if opts.broadcast_params:
-            broadcast_params(self._plan, [p for g in self.param_groups for p in g["params"]])
+        agree_at_startup(self._plan, self.param_groups, self.device, broadcast=opts.broadcast_params)
         for index in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(index))
         self._grads = self._make_gradient_strategy(self._buckets)
@@ -136,9 +141,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
         if o.grads == "replicated":
+            link_owner((p for g in self.param_groups for p in g["params"]), self)  # for clip_grad_norm_ under an mpu
             return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
+        hint = PRE_REDUCE_HINT if self._topology.model_parallel else ""
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
-                           reduce=o.reduce_gradients, owner=self)
+                           reduce=o.reduce_gradients, owner=self, read_none_hint=hint)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -247,11 +254,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         return loss
 
     def _loss_scale_for_step(self, grad_scaler: Any) -> float:
-        if grad_scaler is None:
-            return self._loss_scaler.scale
-        if self._loss_scaler.scale != 1.0 or type(self._loss_scaler) is not LossScaler:
-            raise ValueError("use either ShardedFusedAdam(loss_scale=...) or torch.amp.GradScaler, not both")
-        return float(grad_scaler.get_scale())
+        return scale_for_step(self._loss_scaler, grad_scaler)
 
     def _reduce(self) -> None:
         """Finish every reduction so the shards hold the averaged gradients: a collective."""
@@ -271,23 +274,13 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _grad_stats(self, norm_type: float) -> GradStats:
         """The global gradient facts (overflow, norm, which params have a gradient): a collective, cached."""
         if norm_type not in self._stats:
-            shards = [b.grad_shard for b in self._buckets if b.grad_valid]
-            flags = [flag for b in self._buckets for flag in b.has_grad]
-            local = local_stats(shards, flags, norm_type, self.device)
-            self._stats[norm_type] = read_stats(self._plan.all_reduce_stats(local, norm_type), norm_type)
+            t = self._topology  # with an mpu: TP duplicates and tied copies count once ([Note: topology])
+            self._stats[norm_type] = grad_stats(self._buckets, self._plan, t.counts_in_norm,
+                                                not t.model_parallel, norm_type, self.device)
         return self._stats[norm_type]
 
     def _clip_coefficient(self, loss_scale: float) -> float:
-        coef = self._clip_coefficient_pending(loss_scale)
-        if self._max_grad_norm is not None:
-            coef = min(coef, clip_coefficient(self._grad_stats(2.0).norm / loss_scale, self._max_grad_norm))
-        return coef
-
-    def _clip_coefficient_pending(self, loss_scale: float) -> float:
-        coef = 1.0
-        for max_norm, norm_type in self._pending_clips:
-            coef = min(coef, clip_coefficient(self._grad_stats(norm_type).norm / loss_scale, max_norm))
-        return coef
+        return clip_factor(self._pending_clips, self._max_grad_norm, self._grad_stats, loss_scale)
 
     def _bucket_masks(self, has_grad: tuple[bool, ...]) -> Iterator[tuple[Bucket, tuple[bool, ...]]]:
         start = 0
@@ -376,7 +369,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             raise ValueError(f"clip_value must be >= 0, got {clip_value}")
         self._reduce()
         if self._pending_clips:  # a norm clip asked for earlier applies first, as in torch
-            self._grads.scale_(self._clip_coefficient_pending(self._loss_scaler.scale))
+            self._grads.scale_(clip_factor(self._pending_clips, None, self._grad_stats, self._loss_scaler.scale))
             self._pending_clips = []
         self._grads.clamp_(clip_value * self._loss_scaler.scale)
         self._stats = {}
@@ -403,6 +396,11 @@ class ShardedFusedAdam(torch.optim.Optimizer):
             if p.grad is not None:
                 p.grad = None if set_to_none else p.grad.detach_().zero_()
         self._stats, self._pending_clips = {}, []
+
+    def register_pre_reduce_hook(self, hook: Callable[[], None]) -> torch.utils.hooks.RemovableHandle:
+        """Run ``hook()`` while the gradients are still in ``param.grad``, before they are reduced:
+        the place for model-parallel gradient reductions ([Note: pre-reduce hooks] in grads/hooks.py)."""
+        return self._grads.register_pre_reduce_hook(hook)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Inside, backward accumulates into ``param.grad`` without communicating; the

@@ -31,6 +31,13 @@ class ShardingOptions:
     Attributes:
         process_group: the data-parallel group; default: the world group if
             torch.distributed is initialized, else a single rank.
+        mpu: Megatron's ``parallel_state`` (or any object with its functions, the ``mpu``
+            ``deepspeed.initialize`` takes): shard over its data-parallel group and agree on
+            the gradient norm, overflow and loss scale with its model-parallel group
+            (docs/parallelism.md).
+        device_mesh: a torch ``DeviceMesh``: 1-D, its group shards; 2-D with
+            ``mesh_dim_names=("replicate", "shard")``, hybrid sharding (shard within
+            "shard", replicate across "replicate").
         grads: ``"sharded"`` (ZeRO-2, default: after backward the averaged gradients live in
             the optimizer and ``param.grad`` is None) or ``"replicated"`` (ZeRO-1: the averaged
             gradient stays in ``param.grad``, so every torch idiom that reads it works).
@@ -69,6 +76,8 @@ class ShardingOptions:
     """
 
     process_group: Optional[dist.ProcessGroup] = None
+    mpu: Any = None
+    device_mesh: Any = None
     grads: str = "sharded"
     kernel: Optional[str] = None
     bucket_cap_mb: float = 25.0

@@ -21,6 +21,14 @@ integrity]), maps this rank's fragments (at the current world size) onto the sav
 and reads just those byte ranges. All ranks must see the same filesystem. We do not use
 torch.distributed.checkpoint: our shards are uneven 1-D ranges of flattened params, which
 DTensor placements cannot express.
+
+[Note: one replica writes]
+With hybrid sharding every replica holds the same shards, so only replica 0 (replicate rank
+0) writes; the checkpoint is that of a ``shard_size``-rank job and loads at any other
+topology. The other replicas wait for replica 0's outcome (one broadcast across the
+replicate group) and raise if it failed. Model-parallel peers hold different params, so
+each must save into a directory of its own: the paths are compared across the
+model-parallel group first, and a shared one is an error on every rank.
 """
 from __future__ import annotations
 
@@ -76,7 +84,39 @@ def save_sharded(opt: HasShardState, path: PathLike, *, keep_last: int = 1) -> P
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = Path(path)
     with one_save_at_a_time(path, "save_sharded"):
-        return _save(opt.shard_state(), path, keep_last)
+        return _save_on_one_replica(opt.shard_state(), path, keep_last)
+
+
+def _save_on_one_replica(shards: ShardState, path: Path, keep_last: int) -> Path:
+    """Replica 0 saves, the other replicas learn its outcome ([Note: one replica writes])."""
+    _check_model_parallel_paths(shards, path)
+    replicate = shards.plan.replicate
+    if replicate is None:
+        return _save(shards, path, keep_last)
+    status, final, error = torch.zeros(1, dtype=torch.int64, device=shards.device), None, None
+    if replicate.rank == 0:
+        try:
+            final = _save(shards, path, keep_last)
+        except (CheckpointError, OSError) as exc:  # the other replicas must not wait forever
+            status[0], error = 1, exc
+    replicate.broadcast_(status, what="broadcast of the checkpoint outcome across replicas")
+    if error is not None:
+        raise error
+    if status.item():
+        raise CheckpointError(f"replica 0 could not save the checkpoint under {path} (its error names the cause); "
+                              "nothing was committed")
+    return final if final is not None else path / (path / "LATEST").read_text().strip()
+
+
+def _check_model_parallel_paths(shards: ShardState, path: Path) -> None:
+    """Model-parallel peers must save into different directories ([Note: one replica writes])."""
+    peers = shards.plan.model_parallel
+    if peers is None:
+        return
+    paths = peers.all_gather_object(str(path.resolve()), "all-gather of checkpoint paths")
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"model-parallel ranks save into the same directory {str(path)!r} but hold different "
+                         "params: give each its own (e.g. path / f'mp_rank_{mpu.get_model_parallel_rank():02d}')")
 
 
 def _agree_version(shards: ShardState, path: Path) -> int:

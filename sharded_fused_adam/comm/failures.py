@@ -11,7 +11,10 @@ crashed worker under torchrun and our harness), plus "I failed", and gives the o
 seconds to do the same; the ranks that show neither are the ones named as missing (a
 survivor that failed in another collective, e.g. a point-to-point exchange with the dead
 rank, waits on the same culprit). Nothing is
-written to the store while training runs normally.
+written to the store while training runs normally. Keys carry the group (its global
+ranks), because sequence numbers count per group and several groups (shard, replicate,
+model-parallel, or two jobs in one world) share the store; the message names global ranks
+and lists the group's, since a group-local rank means nothing to someone reading logs.
 
 [Note: abandoning a failed group]
 After a collective failed, gloo's worker threads may still be blocked inside it (waiting
@@ -49,17 +52,20 @@ def _store() -> Optional[dist.Store]:
         return None
 
 
-def missing_ranks(seq: int, rank: int, world_size: int, probe_s: float = PROBE_SECONDS) -> Optional[list[int]]:
-    """Ranks of the group that neither reached collective ``seq`` nor failed in a collective of their
-    own within ``probe_s`` (the dead or stuck ones); None if unknowable.
+def missing_ranks(seq: int, rank: int, world_size: int, probe_s: float = PROBE_SECONDS,
+                  group_tag: str = "world") -> Optional[list[int]]:
+    """Group ranks of the group that neither reached collective ``seq`` nor failed in a collective of
+    their own within ``probe_s`` (the dead or stuck ones); None if unknowable.
 
     A survivor can fail in an earlier collective than this rank (a point-to-point exchange
     with the dead rank, say): it is waiting on the same culprit, so it is not named.
+    ``group_tag`` names the group in the store keys (see [Note: naming the missing rank]).
     """
     store = _store()
     if store is None:
         return None
-    prefix, failed = f"sharded_fused_adam/reached/{seq}/", "sharded_fused_adam/failed/"
+    prefix = f"sharded_fused_adam/{group_tag}/reached/{seq}/"
+    failed = f"sharded_fused_adam/{group_tag}/failed/"
     try:
         store.set(prefix + str(rank), "1")
         store.set(failed + str(rank), str(seq))
@@ -94,17 +100,27 @@ def collective_error(what: str, seq: int, rank: int, world_size: int, timeout_s:
     """Build the error for collective ``seq`` (``what``) that failed on ``rank`` of ``group``; abandons the group."""
     abandon_group(group)
     elapsed = time.monotonic() - started
-    missing = missing_ranks(seq, rank, world_size)
+    members = _global_ranks(group, world_size)
+    missing = missing_ranks(seq, rank, world_size, group_tag=",".join(map(str, members)))
     if missing is None:
         who = "could not tell which rank is missing (the rendezvous store is unreachable too)"
     elif missing:
-        who = f"rank(s) {missing} never reached it: they died or are stuck elsewhere"
+        who = f"global rank(s) {[members[r] for r in missing]} never reached it: they died or are stuck elsewhere"
     else:
         who = "every rank reached it, so the transport itself failed"
     limit = (f"collective_timeout={timeout_s:g} s" if timeout_s is not None
              else "the process group's timeout (set ShardedFusedAdam(collective_timeout=...) to bound it)")
-    return CollectiveError(f"{what} (collective #{seq}) failed on rank {rank} of {world_size} after "
-                           f"{elapsed:.1f} s; {who}. Waiting is bounded by {limit}. Cause: {cause}")
+    return CollectiveError(f"{what} (collective #{seq}) failed on global rank {members[rank]} (rank {rank} of "
+                           f"{world_size} in the group of global ranks {members}) after {elapsed:.1f} s; {who}. "
+                           f"Waiting is bounded by {limit}. Cause: {cause}")
+
+
+def _global_ranks(group: Optional[dist.ProcessGroup], world_size: int) -> list[int]:
+    """The group's global ranks, by group rank (its own numbering if torch can no longer tell)."""
+    try:
+        return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    except (RuntimeError, ValueError, AttributeError):
+        return list(range(world_size))
 
 
 def store_rendezvous(key: str, rank: int, world_size: int, timeout_s: float) -> Optional[list[int]]:

@@ -99,7 +99,12 @@ class CommCounter:
         self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + tensor.numel() * tensor.element_size()
 
     def reset(self) -> None:
-        self.bytes_by_op = {}
+        self.bytes_by_op.clear()  # in place: a sibling counter (``sibling``) shares the dict
+
+    def sibling(self) -> "CommCounter":
+        """A counter for another group's plan: the same byte tally, its own sequence numbers
+        (each group's members issue the same collectives of that group, see [Note: topology])."""
+        return CommCounter(self.bytes_by_op)
 
     @property
     def total(self) -> int:
@@ -119,6 +124,8 @@ class CommPlan:
     world_size: int
     counter: CommCounter
     timeout: Optional[timedelta] = None
+    replicate: Optional["CommPlan"] = None  # hybrid sharding: the group each shard is summed over next
+    model_parallel: Optional["CommPlan"] = None  # the peers that agree on the step's global facts too
     name = "local"
     reduce_needs_output = False  # whether ``reduce`` writes into a separate shard-sized buffer
 
@@ -129,7 +136,12 @@ class CommPlan:
     @property
     def moves_nothing(self) -> bool:
         """One rank: reductions and gathers are no-ops, so gradients may land in place."""
-        return self.world_size == 1
+        return self.world_size == 1 and self.replicate is None
+
+    @property
+    def divisor(self) -> int:
+        """The number of ranks whose gradients are summed: shard x replicate (see [Note: topology])."""
+        return self.world_size * (self.replicate.world_size if self.replicate is not None else 1)
 
     def _src(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, group_rank)
@@ -157,9 +169,24 @@ class CommPlan:
         return tensor
 
     def all_reduce_stats(self, local: torch.Tensor, norm_type: float) -> torch.Tensor:
-        """Combine per-rank gradient statistics: MAX for the inf-norm, else SUM (precision.local_stats)."""
+        """Combine per-rank gradient statistics: MAX for the inf-norm, else SUM (precision.local_stats).
+
+        ``local`` is ``[non-finite flag, norm piece, has_grad...]``. Replicas hold the same
+        shards, so only replica 0's norm piece counts, while flags and the has-grad mask are
+        combined over every data-parallel rank; model-parallel peers then combine the flag
+        and the norm piece only (their params differ: see [Note: topology]).
+        """
         op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
-        return self.all_reduce_(local, op, "all-reduce of step statistics")
+        if self.replicate is not None and self.replicate.rank != 0:
+            local[1] = 0.0
+        self.all_reduce_(local, op, "all-reduce of step statistics")
+        if self.replicate is not None:
+            self.replicate.all_reduce_(local, op, "all-reduce of step statistics across replicas")
+        if self.model_parallel is not None:
+            facts = local[:2].clone()
+            self.model_parallel.all_reduce_(facts, op, "all-reduce of step statistics across model-parallel ranks")
+            local[:2] = facts
+        return local
 
     def broadcast_(self, tensor: torch.Tensor, src_rank: int = 0, what: str = "broadcast") -> torch.Tensor:
         """In-place broadcast from group rank ``src_rank``."""
@@ -170,10 +197,13 @@ class CommPlan:
 
     def any_rank(self, flag: bool, device: torch.device, what: str = "agreement on pending gradients") -> bool:
         """Whether ``flag`` is true on any rank (a MAX all-reduce)."""
-        if self.world_size == 1:
+        if self.world_size == 1 and self.replicate is None:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=device)
-        return bool(self.all_reduce_(t, dist.ReduceOp.MAX, what).item() > 0)
+        self.all_reduce_(t, dist.ReduceOp.MAX, what)
+        if self.replicate is not None:  # replicas must take the same branch (collectives follow)
+            self.replicate.all_reduce_(t, dist.ReduceOp.MAX, what + " across replicas")
+        return bool(t.item() > 0)
 
     def all_gather_object(self, obj: object, what: str = "all-gather of objects") -> list:
         """Every rank's ``obj`` (pickled; for small, rare exchanges such as error reports)."""

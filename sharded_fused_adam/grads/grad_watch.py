@@ -120,8 +120,9 @@ class GradWatch:
         owner: the optimizer the params belong to (for ``owner``), held weakly.
     """
 
-    def __init__(self, strategy: Any, owner: Any = None):
+    def __init__(self, strategy: Any, owner: Any = None, read_none_hint: str = ""):
         self._strategy = weakref.ref(strategy)
+        self._read_none_hint = read_none_hint  # appended to READ_NONE_WARNING (e.g. under model parallelism)
         self._owner = weakref.ref(owner) if owner is not None else None
         self._params: dict[int, weakref.ref] = {}
         self.zeroed: set[int] = set()  # written, or read by a zeroing function, since the last take
@@ -197,7 +198,7 @@ class GradWatch:
         """Warn (once) if ``param.grad`` was read as None between backward and ``step()``."""
         if self.read_none_while_reduced:
             self.read_none_while_reduced = False
-            self._warn_once(READ_NONE_WARNING, stacklevel=5)
+            self._warn_once(READ_NONE_WARNING + self._read_none_hint, stacklevel=5)
 
     def _warn_once(self, message: str, stacklevel: int) -> None:
         if message not in self._warned:

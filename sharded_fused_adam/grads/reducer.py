@@ -10,8 +10,10 @@ those before it. That order is learned in the first backward, which only records
 each bucket completes; rank 0's observation is broadcast and kept. A callback queued on
 the autograd engine ends every backward: it starts the buckets still waiting (params
 without a gradient count as zeros). ``finish()`` waits for all reductions and folds each
-rank's summed slice, divided by the world size, into its gradient shard; gradients set by
-hand (``param.grad = ...``) or accumulated under ``no_sync()`` are collected there too.
+rank's summed slice (with hybrid sharding: summed over the replicate group next), divided
+by the data-parallel size (shard x replicate, [Note: topology]), into its gradient shard;
+gradients set by hand (``param.grad = ...``) or accumulated under ``no_sync()`` are
+collected there too.
 The shards outlive the step as ``param.grad`` does in torch; zeroing done elsewhere
 (``model.zero_grad()``, ``param.grad = ...``) reaches them through
 [Note: watching param.grad].
@@ -24,37 +26,23 @@ its backward ends. At the first backward the reducer looks for a live DDP module
 these params (``find_ddp``); if there is one, it stops reducing and from then on takes
 each rank's slice of DDP's averaged gradient at ``finish()``, leaving ``param.grad`` in
 place as torch does. ``reduce_gradients=False`` forces that path, ``True`` forbids it.
+DDP's group must be the optimizer's data-parallel ranks (``check_ddp_group`` in ddp.py).
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..core.bucket import LOW_PRECISION, Bucket
 from ..comm.plans import CommPlan, Pending
 from .grad_watch import GradPhase, GradWatch, raw_grad, release_when_collected, set_raw_grad
+from .ddp import check_ddp_group, find_ddp
+from .hooks import SyncSwitch, register_grad_hook
 
-__all__ = ["GradReducer", "find_ddp", "register_grad_hook", "SyncSwitch"]
-
-
-def find_ddp(params: Sequence[torch.Tensor]) -> bool:
-    """Whether a live ``DistributedDataParallel`` module holds any of ``params`` (a gc scan, once)."""
-    ddp_type = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-    if ddp_type is None:
-        return False
-    ours = {id(p) for p in params}
-    for obj in gc.get_objects():
-        # type(), not isinstance(): gc also holds dead weak proxies (torch.compile keeps some),
-        # on which isinstance() raises ReferenceError.
-        if issubclass(type(obj), ddp_type) and any(id(p) in ours for p in obj.module.parameters()):
-            return True
-    return False
+__all__ = ["GradReducer", "find_ddp", "check_ddp_group", "register_grad_hook", "SyncSwitch"]
 
 
 class _CommBuffer:
@@ -110,7 +98,7 @@ class _SumOverRanks:
     reduces = True  # so backward hooks collect the gradients
 
     def __init__(self, plan: CommPlan):
-        self.plan, self.divisor = plan, plan.world_size
+        self.plan, self.divisor = plan, plan.divisor
 
     def start(self, flat: torch.Tensor, shard: torch.Tensor, what: str) -> Pending:
         out = torch.empty_like(shard, dtype=flat.dtype) if self.plan.reduce_needs_output else None
@@ -136,34 +124,6 @@ class _AlreadyAveraged:
         """DDP's gradients stay in ``param.grad``, where torch leaves them."""
 
 
-def register_grad_hook(p: torch.Tensor, strategy: object) -> torch.utils.hooks.RemovableHandle:
-    """Call ``strategy.on_grad_ready(p)`` after each accumulation into ``p.grad``; the hook holds
-    the strategy weakly, so a dropped optimizer is not kept alive by its model."""
-    ref = weakref.ref(strategy)
-
-    def hook(param: torch.Tensor) -> None:
-        target = ref()
-        if target is not None:
-            target.on_grad_ready(param)
-
-    return p.register_post_accumulate_grad_hook(hook)
-
-
-class SyncSwitch:
-    """``no_sync()`` for a gradient strategy: backward inside only accumulates locally."""
-
-    _sync = True
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally in ``param.grad``; the next synced backward reduces them."""
-        previous, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = previous
-
-
 class GradReducer(SyncSwitch):
     """Moves gradients from params into reduced shards (see [Note: gradient path]).
 
@@ -179,6 +139,8 @@ class GradReducer(SyncSwitch):
             bounds the buffer pool at 4 buckets.
         owner: the optimizer, which ``clip_grad_norm_`` finds through the params' watch (see
             [Note: watching param.grad]; the watch ends when this reducer is collected).
+        read_none_hint: added to the warning about a ``param.grad`` read as None before
+            ``step()`` (e.g. where to reduce model-parallel gradients instead).
     """
 
     def __init__(
@@ -191,6 +153,7 @@ class GradReducer(SyncSwitch):
         reduce: Optional[bool] = None,
         max_inflight: int = 4,
         owner: object = None,
+        read_none_hint: str = "",
     ):
         self._plan = plan
         self._reduce_dtype = reduce_dtype
@@ -210,7 +173,7 @@ class GradReducer(SyncSwitch):
         self._callback_queued = False
         self._reduced_since_finish = False
         self.phase = GradPhase.STEPPED
-        self._watch = GradWatch(self, owner)
+        self._watch = GradWatch(self, owner, read_none_hint)
         release_when_collected(self, self._hooks, self._watch)
         self.add_buckets(buckets)
 
@@ -250,7 +213,9 @@ class GradReducer(SyncSwitch):
     def on_grad_ready(self, param: torch.Tensor) -> None:
         if self._detect_ddp:
             self._detect_ddp = False
-            if find_ddp([p for r in self._records for p in r.bucket.params]):
+            ddp = find_ddp([p for r in self._records for p in r.bucket.params])
+            if ddp is not None:
+                check_ddp_group(ddp, self._plan)
                 self._averaging = _AlreadyAveraged(self._plan)
                 self.remove_hooks()
                 return
@@ -268,6 +233,8 @@ class GradReducer(SyncSwitch):
             if record.complete:
                 self._arrivals.append(record.index)
             return
+        if self.has_pre_reduce_hooks:
+            return  # taken at the end of backward, after the hooks ran
         if record.launched or record.filled[slot]:
             return  # collected at finish() instead
         self._copy_in(record, slot)
@@ -288,6 +255,7 @@ class GradReducer(SyncSwitch):
         self._flush()
 
     def _flush(self) -> None:
+        self.run_pre_reduce_hooks()
         if self._order is None:
             self._order = self._agree_on_order()
         for b in self._order[self._next:]:
@@ -303,7 +271,10 @@ class GradReducer(SyncSwitch):
         seen = list(dict.fromkeys(self._arrivals))
         local = seen + [r.index for r in self._records if r.index not in seen]
         order = torch.tensor(local, dtype=torch.int64, device=self._records[0].bucket.buffer.device)
-        return self._plan.broadcast_(order, what="broadcast of the bucket order").tolist()
+        self._plan.broadcast_(order, what="broadcast of the bucket order")
+        if self._plan.replicate is not None:  # replicas sum shards bucket by bucket, in this order too
+            self._plan.replicate.broadcast_(order, what="broadcast of the bucket order across replicas")
+        return order.tolist()
 
     # ---- buffers and launches ----------------------------------------------------------
     def _acquire(self, record: _Record) -> _CommBuffer:
@@ -375,6 +346,8 @@ class GradReducer(SyncSwitch):
     def _complete_oldest(self) -> None:
         record, pending, cb = self._inflight.popleft()
         summed = pending.wait()
+        if self._plan.replicate is not None and self.reduces:  # hybrid: sum the shard across replicas
+            self._plan.replicate.all_reduce(summed, f"gradient shard of bucket {record.index}").wait()
         bucket = record.bucket
         divisor = 1 if record.predivide else self._averaging.divisor
         if bucket.grad_valid:

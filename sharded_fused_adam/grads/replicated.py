@@ -6,7 +6,8 @@ and every ``param.grad`` is a view into it (DDP's ``gradient_as_bucket_view``). 
 accumulates into the views in place; a gradient that autograd created afresh (after
 ``zero_grad()`` set ``param.grad`` to None) or that was set by hand is copied into its view
 and ``param.grad`` is pointed back at the view. When a bucket is complete its buffer is
-all-reduced (in ``reduce_dtype``) and divided by the world size, and the callback that ends
+all-reduced (in ``reduce_dtype``; with hybrid sharding over the shard group, then the
+replicate group) and divided by the data-parallel size, and the callback that ends
 backward waits for every bucket: after backward, ``param.grad`` holds the averaged gradient
 on every rank, as with DDP, so ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_``,
 per-layer norms, gradient hooks and ``GradScaler.unscale_`` work unchanged. Zeroing is the
@@ -28,7 +29,7 @@ import torch
 from ..core.bucket import LOW_PRECISION, Bucket
 from ..comm.plans import CommPlan, Pending
 from .grad_watch import GradPhase, raw_grad, release_when_collected, set_raw_grad
-from .reducer import SyncSwitch, register_grad_hook
+from .hooks import SyncSwitch, register_grad_hook
 
 __all__ = ["ReplicatedGrads"]
 
@@ -125,7 +126,7 @@ class ReplicatedGrads(SyncSwitch):
         if not record.filled[slot]:
             record.filled[slot] = True
             record.num_filled += 1
-        if self._overlap:
+        if self._overlap and not self.has_pre_reduce_hooks:  # hooks run before anything is launched
             while self._next < len(self._records) and \
                     self._records[self._next].num_filled >= self._records[self._next].expected:
                 self._launch(self._records[self._next])
@@ -133,6 +134,7 @@ class ReplicatedGrads(SyncSwitch):
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        self.run_pre_reduce_hooks()
         for record in self._records:
             self._launch(record)
         self._next = 0
@@ -160,8 +162,10 @@ class ReplicatedGrads(SyncSwitch):
             if record.pending is None:
                 continue
             summed = record.pending.wait()
-            if self._plan.world_size > 1:
-                summed.div_(self._plan.world_size)
+            if self._plan.replicate is not None:
+                self._plan.replicate.all_reduce(summed, f"gradients of bucket {record.index}").wait()
+            if self._plan.divisor > 1:
+                summed.div_(self._plan.divisor)
             if summed is not record.flat_grad:
                 record.flat_grad.copy_(summed)
             present = record.flat_grad.narrow(0, record.bucket.layout.padded_numel, len(record.views)).tolist()
@@ -178,6 +182,7 @@ class ReplicatedGrads(SyncSwitch):
                       for r in self._records for slot, p in enumerate(r.bucket.params))
         dirty = handset or self.phase is GradPhase.BACKWARD
         if self._plan.any_rank(dirty, self._records[0].bucket.buffer.device):
+            self.run_pre_reduce_hooks()
             for record in self._records:
                 self._launch(record)
             self._wait_all()

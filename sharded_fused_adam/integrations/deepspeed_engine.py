@@ -14,6 +14,9 @@ and only for stage-0 engines whose optimizer is ours:
   and an fp16 section becomes the optimizer's loss scaler (``loss_scale: 0`` -> dynamic with
   the section's ``initial_scale_power``, ``loss_scale_window``, ``hysteresis`` and
   ``min_loss_scale``; a number -> static). ``ShardedFusedAdam`` keeps fp32 master shards;
+* the engine's ``mpu`` (``deepspeed.initialize(mpu=...)``) is handed to the optimizer, which then
+  shards over its data-parallel group and agrees on norms and overflows with its model-parallel
+  group (docs/parallelism.md);
 * after it runs, the engine is wired (``ShardedMode.wire``).
 
 Engines with any other optimizer, or at stages 1/2, go through DeepSpeed's code untouched.
@@ -74,7 +77,7 @@ def _extend(original: Any) -> Any:
     def _configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> Any:
         if not _builds_ours(engine, client_optimizer):
             return original(engine, client_optimizer, model_parameters)
-        with pending_loss_scale(_take_over_precision(engine, client_optimizer)):
+        with pending_loss_scale(_take_over_precision(engine, client_optimizer), getattr(engine, "mpu", None)):
             result = original(engine, client_optimizer, model_parameters)
         mode_for_engine(engine).wire(engine)
         return result

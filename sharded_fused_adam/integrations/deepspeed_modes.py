@@ -33,7 +33,7 @@ from ..numerics.precision import LossScaler
 __all__ = ["OPTIMIZER_NAMES", "ShardedMode", "DelegatedMode", "DeepSpeedShardedFusedAdam", "zero_stage",
            "mode_for_config", "optimizer_type", "mode_for_engine", "pending_loss_scaler", "pending_loss_scale"]
 
-_local = threading.local()  # the loss scaler an engine under construction asks for (deepspeed_engine.py)
+_local = threading.local()  # the loss scaler and mpu of an engine under construction (deepspeed_engine.py)
 
 
 def pending_loss_scaler() -> Optional[LossScaler]:
@@ -42,13 +42,14 @@ def pending_loss_scaler() -> Optional[LossScaler]:
 
 
 @contextlib.contextmanager
-def pending_loss_scale(scaler: Optional[LossScaler]) -> Iterator[None]:
-    """Within, ``pending_loss_scaler()`` returns ``scaler`` (in this thread)."""
-    _local.loss_scaler = scaler
+def pending_loss_scale(scaler: Optional[LossScaler], mpu: Any = None) -> Iterator[None]:
+    """Within, ``pending_loss_scaler()`` returns ``scaler`` and the optimizer built gets the
+    engine's ``mpu`` (``deepspeed.initialize(mpu=...)``: see docs/parallelism.md), in this thread."""
+    _local.loss_scaler, _local.mpu = scaler, mpu
     try:
         yield
     finally:
-        _local.loss_scaler = None
+        _local.loss_scaler, _local.mpu = None, None
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ class ShardedMode:
                 raise ValueError('the DeepSpeed config enables "fp16" and sets optimizer.params.loss_scale: drop '
                                  "optimizer.params.loss_scale (the fp16 section configures the loss scaler)")
             kwargs["loss_scale"] = scaler
+        if getattr(_local, "mpu", None) is not None:  # Megatron-DeepSpeed: the engine's model-parallel layout
+            kwargs["mpu"] = _local.mpu
         return DeepSpeedShardedFusedAdam(_nonempty_groups(params), **kwargs)
 
     def wire(self, engine: Any) -> None:

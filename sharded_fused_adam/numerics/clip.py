@@ -4,29 +4,54 @@ With sharded gradients ``param.grad`` is None after backward (the averaged gradi
 the owning ``ShardedFusedAdam``), so torch's functions would clip nothing. These take the
 same arguments, find the optimizer that owns the params and clip its averaged gradients
 there; params that no ShardedFusedAdam owns (or one with ``grads="replicated"``, whose
-``param.grad`` is real) go to torch's own function.
+``param.grad`` is real) go to torch's own function. An optimizer built with an ``mpu`` gets
+its params back even with ``grads="replicated"``: torch's function would clip each
+model-parallel rank by its own part of the norm, while the optimizer's norm spans them all
+(the clip then applies at the next ``step()``, like the sharded one).
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Union
 
+import weakref
+
 import torch
 
 from ..grads.grad_watch import watch_of
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "owner_of"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "link_owner", "owner_of"]
+
+# id(param) -> (the param, weakly; its optimizer, weakly), for params no grad watch covers
+_LINKS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def link_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
+    """Let ``owner_of`` find ``owner`` for ``params`` that no grad watch covers (replicated
+    gradients); nothing is stored on the params, and the links die with them."""
+    for p in params:
+        key = id(p)
+
+        def unlink(ref: weakref.ref, key: int = key) -> None:
+            if _LINKS.get(key, (None,))[0] is ref:
+                del _LINKS[key]
+        _LINKS[key] = (weakref.ref(p, unlink), weakref.ref(owner))
 
 
 def owner_of(p: torch.Tensor) -> Any:
-    """The live ShardedFusedAdam with sharded gradients whose buckets hold ``p``, or None (its
-    grad watch holds the link, see [Note: a watch that leaves the user's objects usable])."""
+    """The live ShardedFusedAdam whose buckets hold ``p``, or None: through the param's grad
+    watch (sharded gradients, see [Note: a watch that leaves the user's objects usable]) or a
+    ``link_owner`` link (replicated gradients)."""
     w = watch_of(p)
-    return w.owner if w is not None else None
+    if w is not None:
+        return w.owner
+    link = _LINKS.get(id(p))
+    return link[1]() if link is not None and link[0]() is p else None
 
 
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None}  # sharded ones only
+    owners = {id(o): o for o in (owner_of(p) for p in params)
+              if o is not None and (o.options.grads == "sharded" or o.options.mpu is not None)}
     if not owners:
         return None, params
     if len(owners) > 1:

@@ -28,6 +28,7 @@ __all__ = [
     "read_stats",
     "clip_coefficient",
     "report_to_grad_scaler",
+    "scale_for_step",
 ]
 
 
@@ -207,3 +208,16 @@ def report_to_grad_scaler(grad_scaler: Any, optimizer_id: int, found_inf: bool) 
     state["found_inf_per_device"] = {device: torch.full((), float(found_inf), device=device)}
     if hasattr(grad_scaler, "_has_overflow"):
         grad_scaler._has_overflow = bool(found_inf)
+
+
+def scale_for_step(loss_scaler: LossScaler, grad_scaler: Any) -> float:
+    """The loss scale the gradients of this step carry: ours, or a ``torch.amp.GradScaler``'s.
+
+    Raises:
+        ValueError: both scale the loss.
+    """
+    if grad_scaler is None:
+        return loss_scaler.scale
+    if loss_scaler.scale != 1.0 or type(loss_scaler) is not LossScaler:
+        raise ValueError("use either ShardedFusedAdam(loss_scale=...) or torch.amp.GradScaler, not both")
+    return float(grad_scaler.get_scale())
