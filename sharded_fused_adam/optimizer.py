@@ -141,7 +141,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
         if o.grads == "replicated":
-            link_owner((p for g in self.param_groups for p in g["params"]), self)  # for clip_grad_norm_ under an mpu
+            if o.mpu is not None:  # clip_grad_norm_ must clip by the norm over model-parallel ranks too
+                link_owner((p for g in self.param_groups for p in g["params"]), self)
             return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
         hint = PRE_REDUCE_HINT if self._topology.model_parallel else ""
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,

@@ -27,7 +27,7 @@ _LINKS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 def link_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
     """Let ``owner_of`` find ``owner`` for ``params`` that no grad watch covers (replicated
-    gradients); nothing is stored on the params, and the links die with them."""
+    gradients under an ``mpu``); nothing is stored on the params, and the links die with them."""
     for p in params:
         key = id(p)
 
@@ -40,7 +40,7 @@ def link_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
 def owner_of(p: torch.Tensor) -> Any:
     """The live ShardedFusedAdam whose buckets hold ``p``, or None: through the param's grad
     watch (sharded gradients, see [Note: a watch that leaves the user's objects usable]) or a
-    ``link_owner`` link (replicated gradients)."""
+    ``link_owner`` link (replicated gradients under an ``mpu``)."""
     w = watch_of(p)
     if w is not None:
         return w.owner
