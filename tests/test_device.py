@@ -64,15 +64,25 @@ def _mixed_precision_on_device(rank: int, world_size: int, device_type: str) -> 
             o.zero_grad()
             loss_fn(m, tokens, target.to(next(m.parameters()).dtype)).float().backward()
             o.step()
-    moved = max((a - b.float().to(dev)).abs().max().item() for a, b in zip(fp32.parameters(), start.parameters()))
-    err = max((a.master - b.master).abs().max().item() for a, b in zip(opts[1]._buckets, opts[0]._buckets))
-    return dict(moved=moved, err=err, dtypes={str(p.dtype) for p in ours.parameters()})
+    moved = torch.cat([(a - b.float().to(dev)).flatten() for a, b in zip(fp32.parameters(), start.parameters())])
+    err = torch.cat([(a.master - b.master).flatten() for a, b in zip(opts[1]._buckets, opts[0]._buckets)])
+    return dict(moved_max=moved.abs().max().item(), err_max=err.abs().max().item(),
+                rel_l2=(err.norm() / moved.norm()).item(), dtypes={str(p.dtype) for p in ours.parameters()})
 
 
 def test_bf16_params_with_fp32_masters_on_the_device(device_ranks):
     for r in device_ranks(_mixed_precision_on_device):
         assert r["dtypes"] == {"torch.bfloat16"}
-        assert r["err"] <= 0.05 * r["moved"], r  # see test_numerics.py for the 5% rationale
+        # bf16 params (8-bit significand: a rounding of 2**-9 relative) perturb every forward and
+        # backward, so the fp32 masters drift from the fp32 run's params. Measured over the whole
+        # trajectory (2 ranks, 50 steps): relative L2 error 0.31-0.47% on CPU and the emulated NPU;
+        # the bound, 2%, keeps a 4x margin. Losing the masters (updates rounded away in bf16) gives
+        # about 100%. The largest single element is no bound: a near-zero gradient flips Adam's
+        # normalised step, and that element's error moved from 2.4% to 5.0% of the largest move
+        # with the reduction order alone (send/recv on gloo, reduce-scatter on hccl); it gets a
+        # loose 25% sanity bound.
+        assert r["rel_l2"] <= 0.02, r
+        assert r["err_max"] <= 0.25 * r["moved_max"], r
 
 
 def _overflow_on_device(rank: int, world_size: int, device_type: str) -> list:
