@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
 from .numerics.clip import OWNER_ATTR
-from .comm.plans import CommCounter, choose_comm_plan
+from .comm.plans import CommCounter, check_reduction_dtypes, choose_comm_plan
 from .core.flat_buffer import check_unmoved
 from .grads.grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
@@ -111,6 +111,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.comm_counter = CommCounter()
         timeout = timedelta(seconds=opts.collective_timeout) if opts.collective_timeout is not None else None
         self._plan = choose_comm_plan(opts.process_group, self.device, opts.comm, self.comm_counter, timeout)
+        check_reduction_dtypes(self._plan, {p.dtype for g in self.param_groups for p in g["params"]})
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._options = ShardingOptions.from_kwargs({**options, "process_group": None})  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
@@ -317,7 +318,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         if not any(has_grad):
             self._warn_once("no_grads", (
                 "step() found no gradient for any parameter on any rank. If the model's parameters were "
-                "replaced (module.weight = ..., load_state_dict(assign=True)) after the optimizer was built, "
+                "replaced (module.weight = ..., load_state_dict(assign=True), model.to()/.cpu() across device "
+                "types, which builds new Parameters in stock torch) after the optimizer was built, "
                 "it no longer trains them."))
         if multiplier != 1.0:
             self._grads.scale_(multiplier)
