@@ -32,19 +32,23 @@ def _tol(device_type: str) -> float:
 
 def _parity_on_device(rank: int, world_size: int, device_type: str, adamw: bool, amsgrad: bool) -> float:
     dev = _device(device_type, rank)
+    # torch_npu has no _fused_adam_ kernel (it would fall back to the CPU, or raise under
+    # TORCH_NPU_FALLBACK_CPU_DISABLE=1): classic Adam's oracle on an NPU is the CPU's.
+    ref_dev = torch.device("cpu") if device_type == "npu" and not adamw else dev
     model = make_net().to(dev)
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model).to(ref_dev)
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, adamw=adamw)
     ref_cls = torch.optim.AdamW if adamw else torch.optim.Adam
     ref_opt = ref_cls(ref.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
     worst = 0.0
     for step in range(5):
-        tokens, target = (t.to(dev) for t in batch(step, 0, same_on_all_ranks=True))
-        for m, o in ((model, opt), (ref, ref_opt)):
+        tokens, target = batch(step, 0, same_on_all_ranks=True)
+        for m, o, d in ((model, opt, dev), (ref, ref_opt, ref_dev)):
             o.zero_grad()
-            loss_fn(m, tokens, target).backward()
+            loss_fn(m, tokens.to(d), target.to(d)).backward()
             o.step()
-        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())))
+        worst = max(worst, max((a.cpu() - b.cpu()).abs().max().item()
+                               for a, b in zip(model.parameters(), ref.parameters())))
     return worst
 
 
@@ -110,7 +114,8 @@ def _grad_scaler_on_device(rank: int, world_size: int, device_type: str) -> floa
     model = make_net().to(dev)
     ref = copy.deepcopy(model)
     opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    # Adam without decay is AdamW without decay, and _fused_adamw_ is the op every device has.
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0, fused=True)
     scalers = [torch.amp.GradScaler(device_type, init_scale=2.0**10, growth_interval=2) for _ in range(2)]
     for step in range(4):
         data = [t.to(dev) for t in batch(step, 0, same_on_all_ranks=True)]
@@ -278,6 +283,7 @@ def test_fused_adam_falls_back_to_the_cpu_on_the_npu_and_fused_adamw_does_not(de
         op(t[:1], t[1:2], t[2:3], t[3:], [], [torch.ones((), device=dev)], lr=0.1, beta1=0.9, beta2=0.99,
            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
 
+    monkeypatch.delenv("TORCH_NPU_FALLBACK_CPU_DISABLE", raising=False)
     emulated.reset_counts()
     run(torch._fused_adamw_)
     run(torch._fused_adam_)
