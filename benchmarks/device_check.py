@@ -57,9 +57,10 @@ def _use_emulated_npu() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import emulated_npu
 
-    reason = emulated_npu.activate()
+    reason = emulated_npu.prepare()
     if reason:
         sys.exit(f"device_check: the emulated NPU cannot run here: {reason}")
+    emulated_npu.activate()
 
 
 def _pick_device(requested: str) -> str:

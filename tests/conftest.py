@@ -176,9 +176,9 @@ def _device_count(device_type: str) -> tuple[int, str]:
             else (0, "torch.cuda.is_available() is False")
     import emulated_npu
 
-    reason = emulated_npu.activate()
-    if reason:
-        return 0, reason
+    if not emulated_npu.real_torch_npu_installed():  # never imported here: [Note: the emulated NPU ...]
+        reason = emulated_npu.prepare()
+        return (0, reason) if reason else (emulated_npu.device_count(), "")
     try:
         import torch_npu  # noqa: F401
     except (ImportError, OSError, RuntimeError) as exc:

@@ -155,18 +155,17 @@ def test_state_dict_round_trip_on_the_device(device_ranks):
     assert all(device_ranks(_state_dict_on_device))
 
 
-@pytest.mark.parametrize("decoupled,maximize", [(True, False), (False, True)])  # maximize with L2: npu.py's sign
-@pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_every_available_kernel_matches_the_reference_on_the_device(device_type, name, decoupled, maximize):
-    dev = _device(device_type, 0)
+def _kernel_against_reference(rank: int, world_size: int, device_type: str, name: str, decoupled: bool,
+                              maximize: bool) -> tuple[str, float]:
+    """(why the kernel cannot run here or "", its largest difference from ``reference``)."""
+    dev = _device(device_type, rank)
     kernel = select_kernel(None, dev) if name == "torch_fused" else None
-    reason = {"reference": None, "torch_fused": None}.get(name, "")
     if name == "npu":
         from sharded_fused_adam.kernels import npu
 
         reason = npu.unavailable_reason(dev)
         if reason:
-            pytest.skip(f"the npu kernel cannot run here: {reason}")
+            return f"the npu kernel cannot run here: {reason}", 0.0
         kernel = select_kernel("npu", dev)
     kernel = kernel or select_kernel(name, dev)
     assert kernel.name == name, f"{name} fell back to {kernel.name} on {dev}"
@@ -182,8 +181,16 @@ def test_every_available_kernel_matches_the_reference_on_the_device(device_type,
             k.adam_step([s["p"]], [grad.clone()], [s["m"]], [s["v"]], [], [step], lr=1e-2, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, decoupled=decoupled,
                         maximize=maximize)
-    diff = (state["ours"]["p"] - state["ref"]["p"]).abs().max().item()
-    assert diff <= 1e-6, f"{name} differs from the reference by {diff} on {dev}"
+    return "", (state["ours"]["p"] - state["ref"]["p"]).abs().max().item()
+
+
+@pytest.mark.parametrize("decoupled,maximize", [(True, False), (False, True)])  # maximize with L2: npu.py's sign
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_every_available_kernel_matches_the_reference_on_the_device(device_ranks, name, decoupled, maximize):
+    results = device_ranks(_kernel_against_reference, name, decoupled, maximize)
+    if results[0][0]:
+        pytest.skip(results[0][0])
+    assert max(diff for _, diff in results) <= 1e-6, results
 
 
 def _moved_off_device(rank: int, world_size: int, device_type: str) -> dict:
@@ -236,15 +243,14 @@ def test_moving_the_model_off_the_device_is_detected(device_ranks, device_type):
 
 # ---- the NPU's own rules (on the emulated NPU: tests/emulated_npu; facts in docs/devices.md) --------
 
-def _emulated_npu(device_type: str):
-    """The stand-in torch_npu's counters, or a skip where the device is not the emulated NPU."""
+def _emulated_npu(device_type: str) -> None:
+    """Skip unless the device is the emulated NPU (its counters exist nowhere else)."""
     if device_type != "npu":
         pytest.skip(f"an NPU rule: nothing to check on {device_type}")
-    import torch_npu
+    import emulated_npu
 
-    if not getattr(torch_npu, "EMULATED", False):
+    if emulated_npu.real_torch_npu_installed():
         pytest.skip("counting fallbacks and host syncs needs the emulated NPU (tests/emulated_npu)")
-    return torch_npu.emulated
 
 
 def _steady_state_counts(rank: int, world_size: int, device_type: str, adamw: bool) -> dict:
@@ -274,24 +280,40 @@ def test_a_steady_state_step_makes_no_cpu_fallback_and_one_item_call(device_rank
         assert counts["local_scalar_dense"] <= 1 and counts["device_to_host_copies"] <= 1, counts
 
 
-def test_fused_adam_falls_back_to_the_cpu_on_the_npu_and_fused_adamw_does_not(device_type, monkeypatch):
-    emulated = _emulated_npu(device_type)
-    dev = torch.device("npu", 0)
+def _fused_adam_ops_on_the_npu(rank: int, world_size: int, device_type: str) -> dict:
+    import os
 
-    def run(op) -> None:
+    import torch_npu
+
+    dev = _device(device_type, rank)
+
+    def run(op) -> str:
         t = [torch.zeros(8, device=dev) for _ in range(4)]
-        op(t[:1], t[1:2], t[2:3], t[3:], [], [torch.ones((), device=dev)], lr=0.1, beta1=0.9, beta2=0.99,
-           weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op(t[:1], t[1:2], t[2:3], t[3:], [], [torch.ones((), device=dev)], lr=0.1, beta1=0.9, beta2=0.99,
+               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        return " ".join(str(w.message) for w in caught)
 
-    monkeypatch.delenv("TORCH_NPU_FALLBACK_CPU_DISABLE", raising=False)
-    emulated.reset_counts()
-    run(torch._fused_adamw_)
-    run(torch._fused_adam_)
-    assert emulated.fallback_counts() == {"aten::_fused_adam_": 1}
-    monkeypatch.setenv("TORCH_NPU_FALLBACK_CPU_DISABLE", "1")
-    with pytest.raises(NotImplementedError, match="TORCH_NPU_FALLBACK_CPU_DISABLE"):
+    os.environ.pop("TORCH_NPU_FALLBACK_CPU_DISABLE", None)
+    torch_npu.emulated.reset_counts()
+    out = dict(adamw=run(torch._fused_adamw_), adam=run(torch._fused_adam_))
+    out["counts"] = torch_npu.emulated.fallback_counts()
+    os.environ["TORCH_NPU_FALLBACK_CPU_DISABLE"] = "1"
+    try:
         run(torch._fused_adam_)
-    run(torch._fused_adamw_)
+    except NotImplementedError as exc:
+        out["disabled"] = str(exc)
+    run(torch._fused_adamw_)  # still a device kernel
+    return out
+
+
+def test_fused_adam_falls_back_to_the_cpu_on_the_npu_and_fused_adamw_does_not(device_ranks, device_type):
+    _emulated_npu(device_type)
+    for out in device_ranks(_fused_adam_ops_on_the_npu):
+        assert out["adamw"] == "" and "CAUTION: The operator 'aten::_fused_adam_'" in out["adam"], out
+        assert out["counts"] == {"aten::_fused_adam_": 1}, out
+        assert "TORCH_NPU_FALLBACK_CPU_DISABLE" in out["disabled"], out
 
 
 def _classic_adam_without_cpu_fallback(rank: int, world_size: int, device_type: str) -> float:
@@ -377,3 +399,15 @@ def _deprecation_warnings(rank: int, world_size: int, device_type: str) -> list:
 
 def test_sharding_uses_no_deprecated_collective(device_ranks):
     assert device_ranks(_deprecation_warnings) == [[], []]
+
+
+def test_the_test_process_never_loads_the_emulated_npu(device_type):
+    """Other tests in this process must not see an NPU (see [Note: the emulated NPU stays out ...])."""
+    import sys
+
+    import emulated_npu
+
+    if emulated_npu.real_torch_npu_installed():
+        pytest.skip("a real torch_npu is installed")
+    assert "torch_npu" not in sys.modules and str(emulated_npu.ROOT) not in sys.path
+    assert torch._C._get_privateuse1_backend_name() == "privateuseone"
