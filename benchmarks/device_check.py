@@ -206,10 +206,22 @@ def _steps(device: torch.device, numel: int, repeats: int) -> tuple[dict, dict]:
 
 
 def _hang_rank(rank: int, store_path: str, device_type: str, emulated: bool, queue) -> None:
+    try:
+        _hang_rank_body(rank, store_path, device_type, emulated, queue)
+    except BaseException as exc:  # noqa: BLE001  (reported, not lost in a child's stderr)
+        queue.put({"raised": False, "seconds": None, "message": f"rank {rank} failed: {exc!r}"})
+    queue.close()
+    queue.join_thread()  # flush before leaving without the group's teardown
+    os._exit(0)  # the group is abandoned after a CollectiveError (docs/troubleshooting.md)
+
+
+def _hang_rank_body(rank: int, store_path: str, device_type: str, emulated: bool, queue) -> None:
     import torch.distributed as dist
 
     if emulated:
         _use_emulated_npu()
+    if device_type == "npu":
+        import torch_npu  # noqa: F401  (registers torch.npu and hccl)
     if device_type != "cpu":
         _module(device_type).set_device(rank)
     dist.init_process_group(BACKENDS[device_type], store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
@@ -219,7 +231,7 @@ def _hang_rank(rank: int, store_path: str, device_type: str, emulated: bool, que
     opt = ShardedFusedAdam(params, lr=1e-3, collective_timeout=5)
     if rank == 1:
         time.sleep(25)  # never joins the step; stays alive past the other rank's timeout
-        os._exit(0)
+        return
     params[0].grad = torch.ones_like(params[0])
     started = time.monotonic()
     try:
@@ -227,9 +239,6 @@ def _hang_rank(rank: int, store_path: str, device_type: str, emulated: bool, que
         queue.put({"raised": False, "seconds": time.monotonic() - started})
     except CollectiveError as exc:
         queue.put({"raised": True, "seconds": time.monotonic() - started, "message": str(exc)[:400]})
-    queue.close()
-    queue.join_thread()  # flush before leaving without the group's teardown
-    os._exit(0)  # the group is abandoned after a CollectiveError (docs/troubleshooting.md)
 
 
 def _hang(device_type: str, emulated: bool) -> dict:
@@ -281,6 +290,8 @@ def _print_summary(report: dict) -> None:
               f"formula {r['formula_bytes']}")
     print(f"  fallback warnings: {report['fallback_warnings'] or 'none'}")
     print(f"  hang: {report['hang']}")
+    if "faster_npu_kernel" in report:
+        print(f"  faster Adam kernel on this NPU: {report['faster_npu_kernel']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                                     for name in ("_fused_adam_", "_fused_adamw_")}
     for name, r in report["kernels"]["ops"].items():
         r["fell_back_to_cpu"] = any(_FALLBACK in str(w.message) and f"{name}'" in str(w.message) for w in caught)
+    kernels = report["kernels"]["kernels"]
+    if device_type == "npu" and "ms" in kernels.get("npu/adamw", {}) and "ms" in kernels.get("torch_fused/adamw", {}):
+        report["faster_npu_kernel"] = min(("npu", "torch_fused"), key=lambda n: kernels[f"{n}/adamw"]["ms"])
     report["hang"] = _hang(device_type, args.emulated)
     _print_summary(report)
     ok = [report["tests"] is None or report["tests"]["passed"], not report["fallback_warnings"],

@@ -317,10 +317,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _update_shards(self, has_grad: tuple[bool, ...], multiplier: float) -> None:
         if not any(has_grad):
             self._warn_once("no_grads", (
-                "step() found no gradient for any parameter on any rank. If the model's parameters were "
-                "replaced (module.weight = ..., load_state_dict(assign=True), model.to()/.cpu() across device "
-                "types, which builds new Parameters in stock torch) after the optimizer was built, "
-                "it no longer trains them."))
+                "step() found no gradient for any parameter on any rank. If the model's parameters were replaced "
+                "(module.weight = ..., load_state_dict(assign=True), model.to()/.cpu() across device types, which "
+                "builds new Parameters in stock torch) after the optimizer was built, it no longer trains them."))
         if multiplier != 1.0:
             self._grads.scale_(multiplier)
         masks = [mask for _, mask in self._bucket_masks(has_grad)]
