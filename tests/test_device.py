@@ -1,7 +1,9 @@
-"""The optimizer on the device chosen with ``--device`` (cpu by default, cuda+nccl, npu+hccl).
+"""The optimizer on the device chosen with ``--device`` (cpu+gloo, cuda+nccl, npu+hccl).
 
-One rank per local device (2 gloo ranks on CPU). Every test here runs in the default CPU
-suite too; on an accelerator the same checks exercise that device's kernels and collectives.
+One rank per local device (2 gloo ranks on CPU). Without ``--device`` every test runs on the
+CPU and on the npu: the emulated NPU of tests/emulated_npu (2 devices, hccl over gloo) unless
+a real torch_npu is installed. On an accelerator the same checks exercise that device's
+kernels and collectives; the NPU's own rules (no CPU fallback in a step, HCCL's) come last.
 Tolerances: bitwise on CPU (see test_parity.py). On CUDA/NPU we allow 1e-6 absolute:
 those fused kernels are elementwise, so flat shards should match per-param calls bit for
 bit, but the kernels' own lane and FMA choices are not documented, so we do not rely on it.
