@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
-from .comm.plans import CommCounter
+from .comm.plans import CommCounter, check_reduction_dtypes
 from .comm.topology import agree_at_startup, build_plan, check_no_dtensor, resolve_topology
 from .core.flat_buffer import check_unmoved
 from .grads.hooks import PRE_REDUCE_HINT
@@ -116,6 +116,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.comm_counter = CommCounter()
         timeout = timedelta(seconds=opts.collective_timeout) if opts.collective_timeout is not None else None
         self._plan = build_plan(self._topology, self.device, opts.comm, self.comm_counter, timeout)
+        check_reduction_dtypes(self._plan, {p.dtype for g in self.param_groups for p in g["params"]})
         self.rank, self.world_size = self._plan.rank, self._plan.world_size  # in the shard group
         self._options = dataclasses.replace(opts, process_group=None, device_mesh=None)  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
@@ -293,9 +294,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _update_shards(self, has_grad: tuple[bool, ...], multiplier: float) -> None:
         if not any(has_grad):
             self._warn_once("no_grads", (
-                "step() found no gradient for any parameter on any rank. If the model's parameters were "
-                "replaced (module.weight = ..., load_state_dict(assign=True)) after the optimizer was built, "
-                "it no longer trains them."))
+                "step() found no gradient for any parameter on any rank. If the model's parameters were replaced "
+                "(module.weight = ..., load_state_dict(assign=True), model.to()/.cpu() across device types, which "
+                "builds new Parameters in stock torch) after the optimizer was built, it no longer trains them."))
         if multiplier != 1.0:
             self._grads.scale_(multiplier)
         masks = [mask for _, mask in self._bucket_masks(has_grad)]

@@ -35,7 +35,10 @@ def _set_device(device_type: str, rank: int) -> None:
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     elif device_type == "npu":
-        import torch_npu  # noqa: F401  (only on Ascend machines)
+        import emulated_npu
+
+        emulated_npu.activate()  # the stand-in torch_npu where no real one is installed
+        import torch_npu  # noqa: F401
 
         torch.npu.set_device(rank)
 
@@ -151,9 +154,17 @@ def ranks(tmp_path):
 # ---- device selection (see tests/test_device.py) -------------------------------------------
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=sorted(BACKENDS), default=os.environ.get("SFA_TEST_DEVICE", "cpu"),
-                     help="device for tests/test_device.py (env SFA_TEST_DEVICE): cpu+gloo (default), "
-                          "cuda+nccl or npu+hccl, one rank per local device")
+    parser.addoption("--device", choices=sorted(BACKENDS), default=os.environ.get("SFA_TEST_DEVICE"),
+                     help="device for tests/test_device.py (env SFA_TEST_DEVICE): cpu+gloo, cuda+nccl or "
+                          "npu+hccl, one rank per local device. Default: cpu and npu, where npu is the "
+                          "emulated NPU of tests/emulated_npu unless a real torch_npu is installed")
+
+
+def pytest_generate_tests(metafunc):
+    """Run the device tests once per device: the one asked for, else cpu and the (emulated) npu."""
+    if "device_type" in metafunc.fixturenames:
+        asked = metafunc.config.getoption("--device")
+        metafunc.parametrize("device_type", [asked] if asked else ["cpu", "npu"], indirect=True, scope="session")
 
 
 def _device_count(device_type: str) -> tuple[int, str]:
@@ -163,6 +174,11 @@ def _device_count(device_type: str) -> tuple[int, str]:
     if device_type == "cuda":
         return (torch.cuda.device_count(), "torch.cuda.is_available() is False") if torch.cuda.is_available() \
             else (0, "torch.cuda.is_available() is False")
+    import emulated_npu
+
+    if not emulated_npu.real_torch_npu_installed():  # never imported here: [Note: the emulated NPU ...]
+        reason = emulated_npu.prepare()
+        return (0, reason) if reason else (emulated_npu.device_count(), "")
     try:
         import torch_npu  # noqa: F401
     except (ImportError, OSError, RuntimeError) as exc:
@@ -172,10 +188,14 @@ def _device_count(device_type: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="session")
 def device_type(request) -> str:
-    """The device the device tests run on; they fail (not skip) if it was asked for and is absent."""
-    kind = request.config.getoption("--device")
+    """The device the device tests run on; they fail (not skip) if it was asked for and is absent.
+
+    Unasked, the npu run is skipped only where the emulated NPU cannot be built (no compiler)."""
+    kind = request.param
     count, why = _device_count(kind)
     if count == 0:
+        if request.config.getoption("--device") is None:
+            pytest.skip(f"the {kind} device tests cannot run here: {why}")
         pytest.fail(f"--device {kind} was requested but {why}", pytrace=False)
     return kind
 

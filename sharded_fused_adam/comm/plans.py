@@ -43,6 +43,7 @@ __all__ = [
     "SendRecv",
     "CommCounter",
     "choose_comm_plan",
+    "check_reduction_dtypes",
     "COMM_PLANS",
     "CollectiveError",
 ]
@@ -72,7 +73,10 @@ class Pending:
         try:
             for work in self._works:
                 if self._plan is not None and self._plan.timeout is not None:
-                    work.wait(self._plan.timeout)
+                    if self._plan.backend == "hccl":
+                        _wait_polled(work, self._plan.timeout)
+                    else:
+                        work.wait(self._plan.timeout)
                 else:
                     work.wait()
         except RuntimeError as exc:
@@ -85,6 +89,26 @@ class Pending:
             then, self._then = self._then, None
             then()
         return self._result
+
+
+def _wait_polled(work: dist.Work, timeout: timedelta) -> None:
+    """Wait for ``work`` on the host for at most ``timeout``, asking ``is_completed()``.
+
+    [Note: bounded waits on HCCL]
+    ``WorkHCCL::wait(timeout)`` blocks the host only when ``TORCH_HCCL_BLOCKING_WAIT=1`` was
+    set before the group was built; otherwise it makes the stream wait and returns, and the
+    timeout bounds nothing. So on HCCL ``collective_timeout`` is enforced here, by polling
+    (with back-off up to 10 ms), and the final ``wait()`` only orders the stream.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    pause = 1e-4
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"HCCL collective not completed within {timeout.total_seconds():g} s "
+                               "(polled: see [Note: bounded waits on HCCL])")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
+    work.wait()
 
 
 @dataclass
@@ -124,6 +148,7 @@ class CommPlan:
     world_size: int
     counter: CommCounter
     timeout: Optional[timedelta] = None
+    backend: str = "local"  # the group's backend name for this device ("gloo", "nccl", "hccl", ...)
     replicate: Optional["CommPlan"] = None  # hybrid sharding: the group each shard is summed over next
     model_parallel: Optional["CommPlan"] = None  # the peers that agree on the step's global facts too
     name = "local"
@@ -257,6 +282,11 @@ def _mb(t: torch.Tensor) -> str:
     return f"{t.numel() * t.element_size() / 2**20:.1f} MiB"
 
 
+# torch 2.13 deprecates reduce_scatter_tensor / all_gather_into_tensor for these (same arguments).
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 class ScatterGather(CommPlan):
     """``reduce_scatter_tensor`` + in-place ``all_gather_into_tensor`` (NCCL, HCCL)."""
 
@@ -266,12 +296,12 @@ class ScatterGather(CommPlan):
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         assert shard_out is not None and shard_out.numel() * self.world_size == flat.numel()
         self.counter.add("reduce_scatter", flat)
-        return self._issue(f"reduce_scatter of {what} ({_mb(flat)})", lambda: [dist.reduce_scatter_tensor(
+        return self._issue(f"reduce_scatter of {what} ({_mb(flat)})", lambda: [_REDUCE_SCATTER(
             shard_out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], shard_out)
 
     def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
         self.counter.add("all_gather", flat)
-        return self._issue(f"all_gather of {what} ({_mb(flat)})", lambda: [dist.all_gather_into_tensor(
+        return self._issue(f"all_gather of {what} ({_mb(flat)})", lambda: [_ALL_GATHER(
             flat, self.own_shard(flat), group=self.group, async_op=True)], None)
 
 
@@ -411,9 +441,22 @@ def choose_comm_plan(
     if group is dist.group.WORLD:
         group = None
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    backend = _backend_for(group, device)
     if world_size == 1:
-        return CommPlan(group, rank, world_size, counter, timeout)
+        return CommPlan(group, rank, world_size, counter, timeout, backend)
     name = requested
     if name == "auto":
-        name = "send_recv" if _backend_for(group, device) == "gloo" else "scatter_gather"
-    return _PLANS[name](group, rank, world_size, counter, timeout)
+        name = "send_recv" if backend == "gloo" else "scatter_gather"
+    return _PLANS[name](group, rank, world_size, counter, timeout, backend)
+
+
+def check_reduction_dtypes(plan: CommPlan, dtypes: Sequence[torch.dtype]) -> None:
+    """Refuse at construction what the backend cannot reduce (HCCL: no float64, but on Ascend950).
+
+    Raises:
+        ValueError: a float64 param or reduce dtype with an ``hccl`` group of several ranks.
+    """
+    if plan.backend == "hccl" and plan.world_size > 1 and torch.float64 in dtypes:
+        raise ValueError("params or reduce_dtype of dtype torch.float64 cannot be sharded over an hccl process "
+                         "group: HCCL reductions reject float64 (all Ascend chips but the 950); use float32 "
+                         "params, or bf16/fp16 params with fp32 masters")

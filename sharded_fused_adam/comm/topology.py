@@ -187,11 +187,13 @@ def resolve_topology(process_group: ProcessGroup, mpu: Any, device_mesh: Any) ->
                     from_mpu.tensor_parallel_rank, "mpu and device_mesh")
 
 
-def _side_plan(group: ProcessGroup, counter: CommCounter, timeout: Optional[timedelta]) -> Optional[CommPlan]:
-    """A plan for small blocking collectives over ``group`` (replicate or model-parallel), or None."""
+def _side_plan(group: ProcessGroup, counter: CommCounter, timeout: Optional[timedelta],
+               backend: str) -> Optional[CommPlan]:
+    """A plan for small blocking collectives over ``group`` (replicate or model-parallel), or None;
+    ``backend`` is the shard plan's (the side groups live on the same devices)."""
     if group is None:
         return None
-    return CommPlan(group, dist.get_rank(group), dist.get_world_size(group), counter.sibling(), timeout)
+    return CommPlan(group, dist.get_rank(group), dist.get_world_size(group), counter.sibling(), timeout, backend)
 
 
 def build_plan(topology: Topology, device: torch.device, comm: str, counter: CommCounter,
@@ -203,8 +205,9 @@ def build_plan(topology: Topology, device: torch.device, comm: str, counter: Com
     plan = choose_comm_plan(topology.shard_group, device, comm, counter, timeout)
     if not (topology.hybrid or topology.model_parallel):
         return plan
-    return dataclasses.replace(plan, replicate=_side_plan(topology.replicate_group, counter, timeout),
-                               model_parallel=_side_plan(topology.model_parallel_group, counter, timeout))
+    return dataclasses.replace(plan, replicate=_side_plan(topology.replicate_group, counter, timeout, plan.backend),
+                               model_parallel=_side_plan(topology.model_parallel_group, counter, timeout,
+                                                         plan.backend))
 
 
 def agree_at_startup(plan: CommPlan, param_groups: Sequence[dict], device: torch.device, *, broadcast: bool) -> None:
