@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
-from .numerics.clip import OWNER_ATTR
+from .numerics.clip import OWNER_ATTR, owner_of
 from .comm.plans import CommCounter, choose_comm_plan
 from .core.flat_buffer import check_unmoved
 from .grads.grad_watch import READ_NONE_WARNING, GradWatch, watch
@@ -28,16 +28,17 @@ from .options import ShardingOptions
 from .comm.param_gather import ParamGather
 from .numerics.precision import (GradStats, LossScaler, clip_coefficient, local_stats, make_loss_scaler, read_stats,
                         report_to_grad_scaler)
+from .grads.join import JoinableOptimizer
 from .grads.reducer import GradReducer
 from .grads.replicated import ReplicatedGrads
 from .checkpoint.state_view import ShardState
 from .comm.startup import agree_on_layout, broadcast_params, describe_params, newly_trainable, require_process_group
-from .core.validation import ParamRegistry, adam_defaults, check_hyperparameters, check_params
+from .core.validation import ParamRegistry, adam_defaults, add_torch_flags, check_hyperparameters, check_params
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 
 
-class ShardedFusedAdam(torch.optim.Optimizer):
+class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
     """ZeRO-style sharded fused Adam; a drop-in for ``NpuFusedAdam`` and ``torch.optim.Adam``.
 
     Trainable params are packed into flat buckets (one per param group and dtype, at most
@@ -114,6 +115,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.rank, self.world_size = self._plan.rank, self._plan.world_size
         self._options = ShardingOptions.from_kwargs({**options, "process_group": None})  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
+        add_torch_flags(self.param_groups, self._kernel.name)
         self._state_dict_calls = StateDictCalls(self._plan, opts.state_dict_timeout)
         self.max_grad_norm = opts.max_grad_norm
         self._loss_scaler = make_loss_scaler(opts.loss_scale)
@@ -138,10 +140,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def _make_gradient_strategy(self, buckets: list[Bucket]) -> Union[GradReducer, ReplicatedGrads]:
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
-        if o.grads == "replicated":
-            self._own([p for b in buckets for p in b.params])
-            return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
         self._own([p for b in buckets for p in b.params])
+        if o.grads == "replicated":
+            return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
         watch([p for b in buckets for p in b.params], self._watch)
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
                            reduce=o.reduce_gradients, grad_watch=self._watch)
@@ -181,11 +182,12 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         group, index = self.param_groups[-1], len(self.param_groups) - 1
         try:
             check_hyperparameters(group, f"param group {index}")
-            check_params(group["params"], self._param_names(index), self._registry)
+            check_params(group["params"], self._param_names(index), self._registry, owner_of)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if self._grads is not None:
+            add_torch_flags([group], self._kernel.name)
             self._add_buckets(self._make_buckets(index))
             self._idle = self._find_idle()
 
