@@ -257,3 +257,35 @@ def test_del_param_grad_forgets_like_torch(ranks, idiom, grads):
     # differently from the ranks' sum (as TOL in test_idioms.py).
     for worst in ranks(_del_loop, 2, idiom, grads):
         assert worst < 2e-6, worst
+
+
+# ---- memory_report() with replicated gradients ----------------------------------------------
+@pytest.mark.parametrize("grads, dtype, grad_shards_per_param_byte", [
+    ("sharded", torch.float32, 1),      # the reduced fp32 shard (the whole buffer at one rank)
+    ("replicated", torch.float32, 0),   # views of the flat gradients, counted in comm_buffers
+    ("replicated", torch.bfloat16, 2),  # an fp32 copy of the bf16 shard
+])
+def test_memory_report_counts_each_gradient_byte_once(grads, dtype, grad_shards_per_param_byte):
+    report = ShardedFusedAdam(make_net().to(dtype).parameters(), grads=grads).memory_report()
+    assert report.grad_shards == grad_shards_per_param_byte * report.params, report
+    assert report.comm_buffers >= (report.params if grads == "replicated" else 0), report
+
+
+# ---- naming the missing rank ----------------------------------------------------------------
+def _probe_missing(rank: int, world_size: int) -> object:
+    import time
+
+    from sharded_fused_adam.comm.failures import missing_ranks
+
+    if rank == 2:  # stuck elsewhere: never reaches or fails any collective
+        time.sleep(3.0)
+        return None
+    if rank == 1:  # failed in an earlier collective (a point-to-point exchange with rank 2, say)
+        return missing_ranks(5, rank, world_size, probe_s=0.5)
+    time.sleep(0.5)  # rank 0 fails later, in collective 7
+    return missing_ranks(7, rank, world_size, probe_s=1.0)
+
+
+def test_a_survivor_that_failed_elsewhere_is_not_named_missing(ranks):
+    results = ranks(_probe_missing, 3)
+    assert results[0] == [2], results
