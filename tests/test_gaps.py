@@ -289,3 +289,28 @@ def _probe_missing(rank: int, world_size: int) -> object:
 def test_a_survivor_that_failed_elsewhere_is_not_named_missing(ranks):
     results = ranks(_probe_missing, 3)
     assert results[0] == [2], results
+
+
+# ---- the converters' refusals ---------------------------------------------------------------
+def test_converters_refuse_what_they_cannot_place(tmp_path):
+    from sharded_fused_adam.checkpoint.convert import CheckpointError, load_named, read_ours, read_torch
+    from sharded_fused_adam.checkpoint.convert.torch_files import load_lazy
+
+    model = make_net()
+    opt = ShardedFusedAdam(model.named_parameters(), lr=1e-2)
+    loss_fn(model, *batch(0, 0, same_on_all_ranks=True)).backward()
+    opt.step()
+    save_sharded(opt, tmp_path / "ours")
+    unnamed = ShardedFusedAdam(make_net().parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"params \[0, 1, 2, 3, 4\] have no name"):
+        load_named(unnamed, read_ours(tmp_path / "ours"))
+    sd = torch.optim.Adam(make_net().parameters()).state_dict()
+    sd["state"][99] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    torch.save(sd, tmp_path / "torch.pt")
+    with pytest.raises(CheckpointError, match="state for param 99, which is in no param group"):
+        read_torch(tmp_path / "torch.pt", [n for n, _ in make_net().named_parameters()])
+    torch.save({"t": torch.arange(6.0)}, tmp_path / "t.pt")
+    lazy = load_lazy(tmp_path / "t.pt")["t"]
+    assert torch.equal(lazy.read(2, 6), torch.arange(2.0, 6.0))
+    with pytest.raises(ValueError, match=r"range \[2, 7\) outside a tensor of 6 elements"):
+        lazy.read(2, 7)
