@@ -78,6 +78,8 @@ SELECTIONS: dict[str, tuple[str, ...]] = {
     "ds_config": ("tests/test_deepspeed.py -k bad_configs or register_binds or configs_register or wire_rejects "
                   "or initialize_takes",),
     "hf": ("tests/test_hf_integrations.py -k accelerate or stock_trainer",),
+    "hf_deepspeed": ("tests/test_hf_integrations.py -k trainer_deepspeed_stage2",),
+    "ds_delegated": ("tests/test_deepspeed.py -k delegated_stage2_matches",),
 }
 
 _PKG = "sharded_fused_adam/"
@@ -406,7 +408,9 @@ MUTANTS: list[Mutant] = [
        "convert convert_deepspeed", "a param spanning two ranks' DeepSpeed partitions keeps only its first piece"),
     _m("deepspeed_write_bisect_left", "checkpoint/convert/deepspeed_write.py",
        "        i = bisect.bisect_right(offsets, lo) - 1", "        i = bisect.bisect_left(offsets, lo) - 1",
-       "convert convert_deepspeed", "a range starting exactly at a param boundary is read from the param before"),
+       "convert convert_deepspeed", "a range starting exactly at a param boundary is read from the param before",
+       equivalent="the range before is then empty (a == b) and the loop moves on to the right param: "
+                  "no element is read from the wrong one"),
     _m("universal_shape_from_nothing", "checkpoint/convert/universal.py",
        "        shape = next((_shape(param_dir / f\"{k}.pt\") for k in tensors), torch.Size([-1]))",
        "        shape = torch.Size([-1])",
@@ -445,12 +449,12 @@ MUTANTS: list[Mutant] = [
     _m("ds_engine_wires_stage_2_too", "integrations/deepspeed_engine.py",
        "    if int(engine.zero_optimization_stage()) != 0:\n        return False",
        "    if False:\n        return False",
-       "ds_config", "engines at stage 1/2 are rewired as if they ran sharded mode"),
+       "ds_config ds_delegated", "engines at stage 1/2 are rewired as if they ran sharded mode"),
     _m("accelerate_adamw_ignored", "integrations/accelerate.py",
        "    cls = ShardedFusedAdamW if adamw else ShardedFusedAdam", "    cls = ShardedFusedAdam",
        "hf", "make_optimizer(adamw=True) builds L2 Adam"),
     _m("transformers_clips_deepspeed_engines", "integrations/transformers.py",
        "        return None if self.is_deepspeed_enabled else sharded_optimizer(self.optimizer)",
        "        return sharded_optimizer(self.optimizer)",
-       "hf", "the Trainer saves through our optimizer under DeepSpeed too"),
+       "hf_deepspeed", "the Trainer saves through our optimizer under DeepSpeed too"),
 ]
