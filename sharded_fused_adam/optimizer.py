@@ -26,20 +26,21 @@ from .kernels import select_kernel
 from .core.memory import MemoryReport, memory_report
 from .options import ShardingOptions
 from .comm.param_gather import ParamGather
-from .numerics.clip import link_owner
+from .numerics.clip import holder_of, link_owner
 from .numerics.global_facts import clip_factor, grad_stats
 from .numerics.precision import GradStats, make_loss_scaler, report_to_grad_scaler, scale_for_step
+from .grads.join import JoinableOptimizer
 from .grads.reducer import GradReducer
 from .grads.replicated import ReplicatedGrads
 from .checkpoint.state_view import ShardState
 from .comm.startup import newly_trainable, require_process_group
 from .core.validation import ParamRegistry, check_params
-from .kernels.rule import ADAM, adam_defaults, check_hyperparameters
+from .kernels.rule import ADAM, adam_defaults, add_torch_flags, check_hyperparameters
 
 __all__ = ["ShardedFusedAdam", "ShardedFusedAdamW"]
 
 
-class ShardedFusedAdam(torch.optim.Optimizer):
+class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
     """ZeRO-style sharded fused Adam; a drop-in for ``NpuFusedAdam`` and ``torch.optim.Adam``.
 
     Trainable params are packed into flat buckets (one per param group and dtype, at most
@@ -120,6 +121,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self.rank, self.world_size = self._plan.rank, self._plan.world_size  # in the shard group
         self._options = dataclasses.replace(opts, process_group=None, device_mesh=None)  # no group ref kept
         self._kernel = select_kernel(opts.kernel, self.device)
+        add_torch_flags(self.param_groups, self._kernel.name)
         self._state_dict_calls = StateDictCalls(self._plan, opts.state_dict_timeout)
         self.max_grad_norm = opts.max_grad_norm
         self._loss_scaler = make_loss_scaler(opts.loss_scale)
@@ -142,8 +144,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
         o = self._options
         if o.grads == "replicated":
-            if o.mpu is not None:  # clip_grad_norm_ must clip by the norm over model-parallel ranks too
-                link_owner((p for g in self.param_groups for p in g["params"]), self)
+            link_owner((p for b in buckets for p in b.params), self)  # no grad watch holds the link
             return ReplicatedGrads(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap)
         hint = PRE_REDUCE_HINT if self._topology.model_parallel else ""
         return GradReducer(buckets, self._plan, reduce_dtype=o.reduce_dtype, overlap=o.overlap,
@@ -179,17 +180,20 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         group, index = self.param_groups[-1], len(self.param_groups) - 1
         try:
             check_hyperparameters(group, f"param group {index}")
-            check_params(group["params"], self._param_names(index), self._registry)
+            check_params(group["params"], self._param_names(index), self._registry, holder_of)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if self._grads is not None:
+            add_torch_flags([group], self._kernel.name)
             self._add_buckets(self._make_buckets(index))
             self._idle = self._find_idle()
 
     def _add_buckets(self, buckets: list[Bucket]) -> None:
         self._buckets.extend(buckets)
         self._param_gather.add_buckets([b.params for b in buckets])
+        if self._options.grads == "replicated":
+            link_owner((p for b in buckets for p in b.params), self)
         self._grads.add_buckets(buckets)
 
     def _param_names(self, group_index: int) -> list[str]:

@@ -11,6 +11,9 @@ reference, checks nothing itself, and writes what it measured to ``<out>/<scenar
   compared with the saved one, training continued.
 * ``delegated``: ZeRO stage 1/2 + FusedAdam vs DDP + torch.optim.Adam/AdamW(fused=True) and vs
   DeepSpeed's own Adam (``torch_adam``), and a stage-2 checkpoint round trip.
+
+``--precisions`` names the DeepSpeed ``"fp16"`` / ``"bf16"`` sections this CPU supports (the
+parent asks DeepSpeed's CPU accelerator); cases needing another are not run.
 """
 from __future__ import annotations
 
@@ -133,7 +136,7 @@ def ddp_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, step: int, rank: in
     return norm
 
 
-def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
+def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path, precisions: frozenset[str]) -> dict:
     model = make_net()
     ref = DistributedDataParallel(copy.deepcopy(model))
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, betas=BETAS, weight_decay=WD, fused=True)
@@ -174,7 +177,8 @@ def run_sharded(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
     res["bucket_padded_numel"] = sum(b.layout.padded_numel for b in opt.shard_state().buckets)
     res["accumulation"] = run_accumulation(rank, world_size)
     res["fp16_model"] = run_fp16_model(rank, world_size)
-    res["precision_sections"] = {name: run_precision_section(rank, world_size, name) for name in ("bf16", "fp16")}
+    res["precision_sections"] = {name: run_precision_section(rank, world_size, name)
+                                 for name in ("bf16", "fp16") if name in precisions}
     return res
 
 
@@ -279,7 +283,7 @@ def run_precision_section(rank: int, world_size: int, name: str) -> dict:
             "eval": [before, eval_loss(lambda x: engine.module(x.to(dtype)).float())]}
 
 
-def run_resume(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
+def run_resume(rank: int, world_size: int, out: Path, ckpt: Path, precisions: frozenset[str]) -> dict:
     model = make_net()
     with torch.no_grad():
         for p in model.parameters():
@@ -331,7 +335,7 @@ def train_pair(rank: int, world_size: int, config: dict, ref_cls: type, *, clip:
     return losses, diffs, engine
 
 
-def run_delegated(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
+def run_delegated(rank: int, world_size: int, out: Path, ckpt: Path, precisions: frozenset[str]) -> dict:
     import deepspeed
 
     res: dict[str, Any] = {}
@@ -366,18 +370,8 @@ def run_delegated(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
             diffs.append(max_diff(ours.module, theirs.module))
         res[label] = {"diffs": diffs, "theirs": type(theirs.basic_optimizer).__name__,
                       "theirs_fused": theirs.basic_optimizer.param_groups[0].get("fused")}
-    # Stage 2 with DeepSpeed's bf16: FusedAdam steps DeepSpeed's fp32 partitions of a bf16 model.
-    cfg = {**delegated_config(world_size, 2, {"type": "ShardedFusedAdam", "params": adam}), "bf16": {"enabled": True}}
-    bf16 = sfa_ds.initialize(model=make_net(), config=cfg)[0]
-    before = eval_loss(lambda x: bf16(x.bfloat16()).float())
-    for step in range(6):
-        x, y = local_batch(step, rank, world_size)
-        bf16.backward(nn.functional.mse_loss(bf16(x.bfloat16()).float(), y))
-        bf16.step()
-    state = next(iter(bf16.basic_optimizer.state.values()))
-    res["z2_bf16"] = {"basic": type(bf16.basic_optimizer).__name__, "model_dtype": str(bf16.module.fc1.weight.dtype),
-                      "state_dtype": str(state["exp_avg"].dtype),
-                      "eval": [before, eval_loss(lambda x: bf16(x.bfloat16()).float())]}
+    if "bf16" in precisions:
+        res["z2_bf16"] = run_delegated_bf16(rank, world_size)
     # Stage 2 checkpoint round trip: a fresh engine continues exactly where this one is.
     ours.save_checkpoint(str(ckpt), tag="z2")
     fresh = sfa_ds.initialize(model=Net(), config=ours_cfg)[0]
@@ -388,6 +382,21 @@ def run_delegated(rank: int, world_size: int, out: Path, ckpt: Path) -> dict:
     return res
 
 
+def run_delegated_bf16(rank: int, world_size: int) -> dict:
+    """Stage 2 with DeepSpeed's bf16: FusedAdam steps DeepSpeed's fp32 partitions of a bf16 model."""
+    adam = {"lr": LR, "betas": list(BETAS), "weight_decay": WD, "eps": 1e-8}
+    cfg = {**delegated_config(world_size, 2, {"type": "ShardedFusedAdam", "params": adam}), "bf16": {"enabled": True}}
+    bf16 = sfa_ds.initialize(model=make_net(), config=cfg)[0]
+    before = eval_loss(lambda x: bf16(x.bfloat16()).float())
+    for step in range(6):
+        x, y = local_batch(step, rank, world_size)
+        bf16.backward(nn.functional.mse_loss(bf16(x.bfloat16()).float(), y))
+        bf16.step()
+    state = next(iter(bf16.basic_optimizer.state.values()))
+    return {"basic": type(bf16.basic_optimizer).__name__, "model_dtype": str(bf16.module.fc1.weight.dtype),
+            "state_dtype": str(state["exp_avg"].dtype), "eval": [before, eval_loss(lambda x: bf16(x.bfloat16()).float())]}
+
+
 SCENARIOS = {"sharded": run_sharded, "resume": run_resume, "delegated": run_delegated}
 
 
@@ -396,13 +405,15 @@ def main() -> None:
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--precisions", default="bf16,fp16", help="comma-separated DeepSpeed sections to run")
     args, _ = parser.parse_known_args()  # the deepspeed launcher appends --local_rank
     torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")  # before the DDP reference is built
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    res = SCENARIOS[args.scenario](rank, world_size, args.out, args.ckpt)
+    precisions = frozenset(filter(None, args.precisions.split(",")))
+    res = SCENARIOS[args.scenario](rank, world_size, args.out, args.ckpt, precisions)
     res.update(rank=rank, world_size=world_size)
     name = f"{args.scenario}_w{world_size}_rank{rank}.json"
     tmp = args.out / f".{name}.tmp"

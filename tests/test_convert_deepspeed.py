@@ -5,9 +5,10 @@ and records DeepSpeed's own view of every param's state plus where training goes
 (tests/convert_ds_worker.py). We read those offline, load them into ShardedFusedAdam at 3
 ranks and in a plain single-process loop, save ours, export ours back to DeepSpeed engine
 and universal checkpoints for 1 rank, and a second DeepSpeed job resumes from them: the
-round trip 2 -> 3 -> 1 must continue bit for bit as the uninterrupted run. Every rank feeds
-the whole global batch, so the averaged gradient is the same at 1 and 2 ranks (bitwise);
-at 3 ranks ``(g + g + g) / 3`` rounds, hence ``CONTINUE_AT_3_TOL``. About 90 s.
+round trip 2 -> 3 -> 1 must continue as the uninterrupted run: bit for bit at stage 0, within
+``ZERO_PARTITION_TOL`` at stages 1/2 (DeepSpeed's partitions move with the world size). Every
+rank feeds the whole global batch, so the averaged gradient is the same at 1 and 2 ranks
+(bitwise); at 3 ranks ``(g + g + g) / 3`` rounds, hence ``CONTINUE_AT_3_TOL``. About 90 s.
 """
 from __future__ import annotations
 
@@ -34,9 +35,16 @@ from test_deepspeed import _torchrun  # noqa: E402  (the launcher helpers of the
 WORKER = Path(W.__file__)
 # 3 ranks average (g + g + g) / 3, which differs from g in the last bit; measured <= 1e-7 here.
 CONTINUE_AT_3_TOL = 1e-6
-# DeepSpeed's ZeRO 1/2 gradient path differs from a plain backward in the last bit (see
-# DELEGATED_VS_DDP_TOL in test_deepspeed.py); measured <= 1e-9 here. Stage 0 is bitwise.
-ZERO_GRADIENT_TOL = 1e-8
+# DeepSpeed at ZeRO 1/2 runs torch's fused Adam on one flat partition of all params per rank.
+# That CPU kernel rounds each tensor's last numel % 16 (AVX-512; % 8 on AVX2) elements in a
+# scalar loop that rounds differently from its vector loop (the alignment Note in
+# core/layout.py), and where a partition ends depends on the world size: elements near the ends
+# take the other loop at 1 rank than at 2 ranks, or than in per-param tensors (ours, torch).
+# The gradients themselves are bitwise equal: replaying the run in one process with torch's
+# fused Adam on one flat tensor, or on two halves, reproduces DeepSpeed at 1 and at 2 ranks
+# bit for bit. Measured <= 1.9e-9 (2 ulp) after 3 steps. Stage 0 steps per-param tensors at
+# every world size: bitwise.
+ZERO_PARTITION_TOL = 1e-8
 SOURCES = {"z0": "deepspeed", "z1": "deepspeed", "z2": "deepspeed", "z1_universal": "universal"}
 
 
@@ -171,11 +179,12 @@ def _plain_loop(job: Path) -> None:
             opt.zero_grad()
         ref = _ref(job, name)
         diff = max((p.detach() - ref["params_after"][n]).abs().max().item() for n, p in model.named_parameters())
-        assert diff <= (0.0 if name == "z0" else ZERO_GRADIENT_TOL), (name, diff)
+        assert diff <= (0.0 if name == "z0" else ZERO_PARTITION_TOL), (name, diff)
 
 
 def test_round_trip_deepspeed_2_ours_3_deepspeed_1(job, ours_at_3, tmp_path):
-    """Ours (saved at 3 ranks) exported for 1 rank: DeepSpeed's own optimizer resumes bit for bit."""
+    """Ours (saved at 3 ranks) exported for 1 rank: DeepSpeed's own optimizer resumes with the exact
+    state, and trains on as at 2 ranks (bit for bit at stage 0, see ZERO_PARTITION_TOL otherwise)."""
     export = job / "export"
     write_deepspeed(read_ours(job / "ours" / "z0"), export / "z0", world_size=1, stage=0, module=_module(job, "z0"))
     write_deepspeed(read_ours(job / "ours" / "z2"), export / "z2", world_size=1, stage=2, module=_module(job, "z2"))
@@ -197,9 +206,9 @@ def test_round_trip_deepspeed_2_ours_3_deepspeed_1(job, ours_at_3, tmp_path):
                 assert torch.equal(resumed["state"][fqn][key], value), (name, fqn, key)
             assert torch.equal(resumed["params_before"][fqn], ref["params_before"][fqn]), (name, fqn)
             diff = (resumed["params_after"][fqn] - ref["params_after"][fqn]).abs().max().item()
-            # Stage 1 at 1 rank vs 2 ranks: DeepSpeed's own gradient reduction rounds differently
-            # (measured 9.3e-10); everything the checkpoint carries matched bitwise above.
-            assert diff <= (ZERO_GRADIENT_TOL if name.startswith("z1") else 0.0), (name, fqn, diff)
+            # Stages 1/2 at 1 rank vs 2 ranks: other partitions (ZERO_PARTITION_TOL; measured 9.3e-10
+            # at stage 1, 1.9e-9 at stage 2); everything the checkpoint carries matched bitwise above.
+            assert diff <= (0.0 if name == "z0" else ZERO_PARTITION_TOL), (name, fqn, diff)
 
 
 # ---- nothing silently missing -------------------------------------------------------------

@@ -4,11 +4,21 @@ Every failure names the argument (or the param), the rule and the value, and hap
 before the optimizer touches any tensor, so a rejected call leaves the model untouched.
 
 Hyperparameter checks belong to the update rule (kernels/rule.py).
+
+[Note: aliased params]
+Every param becomes a view into a flat buffer, which cannot hold the same memory twice, so
+two params may not overlap in memory. The check compares the byte ranges the params span,
+not their storages: params that are disjoint views of one storage are fine. That case is
+common: after an optimizer is gone, its model's params are still views into its old flat
+buffer, and a new optimizer over them must work (torch's optimizers allow it). A param that
+a live optimizer still holds in its buckets is refused instead (``owner_of``), naming that
+optimizer: building a second one would re-point the params and silently detach the first.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -39,32 +49,67 @@ def _reject_dtensor(p: torch.Tensor, name: str) -> None:
                         f"{p.device_mesh.size()} ranks, e.g. from FSDP2's fully_shard). {_DTENSOR_HELP}")
 
 
+def _memory_span(p: torch.Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` of the memory ``p``'s elements occupy (strides are >= 0)."""
+    last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    start = p.data_ptr()
+    return start, start + (last + 1) * p.element_size()
+
+
 @dataclass
 class ParamRegistry:
-    """The params an optimizer accepted so far: by identity, by storage, and their one device."""
+    """The params an optimizer accepted so far: by identity, their memory spans (sorted, disjoint)
+    and their one device (see [Note: aliased params])."""
 
     by_id: dict[int, str] = field(default_factory=dict)
-    by_storage: dict[int, str] = field(default_factory=dict)
+    spans: list[tuple[int, int, str]] = field(default_factory=list)
     device: Optional[torch.device] = None
     first_name: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.by_id)
 
+    def overlapping(self, span: tuple[int, int]) -> Optional[str]:
+        """The name of a registered param whose memory overlaps ``span``, or None."""
+        at = bisect.bisect_right(self.spans, (span[0], float("inf"), ""))
+        before = self.spans[at - 1] if at else None
+        after = self.spans[at] if at < len(self.spans) else None
+        if before is not None and before[1] > span[0]:
+            return before[2]
+        if after is not None and after[0] < span[1]:
+            return after[2]
+        return None
 
-def check_params(params: Sequence[torch.Tensor], names: Sequence[str], registry: ParamRegistry) -> None:
+
+def _live_owner_error(name: str, owner: Any) -> ValueError:
+    held = sum(len(g["params"]) for g in owner.param_groups)
+    return ValueError(f"{name} is already sharded by another live {type(owner).__name__} (object at {id(owner):#x}, "
+                      f"{held} params in {len(owner.param_groups)} param groups): a param can belong to one live "
+                      "ShardedFusedAdam at a time, because each makes its params views into its own flat buffer "
+                      "and building this one would silently detach them from the first. Delete the first "
+                      "(`del opt; gc.collect()`) before building this one, or put every param group into one "
+                      "optimizer")
+
+
+def check_params(params: Sequence[torch.Tensor], names: Sequence[str], registry: ParamRegistry,
+                 owner_of: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
     """Validate params against each other and against those already in ``registry``.
 
     ``registry`` is owned by the caller and grows with every accepted param; it is only
     updated once the whole sequence passed, so a rejected group leaves it unchanged.
 
+    Args:
+        params, names: the params of one group and their names for messages.
+        registry: what the optimizer accepted so far.
+        owner_of: returns the live optimizer that holds a param, or None (see
+            [Note: aliased params]).
+
     Raises:
-        TypeError: a param that is not a floating-point tensor of a supported dtype, or a
-            DTensor (see [Note: DTensor params]).
-        ValueError: a non-leaf, sparse, duplicated or storage-sharing param, or params on
-            different devices.
+        TypeError: a param that is not a floating-point tensor of a supported dtype.
+        ValueError: a non-leaf, sparse, duplicated or overlapping param, one a live
+            optimizer holds, or params on different devices.
     """
-    new = ParamRegistry(dict(registry.by_id), dict(registry.by_storage), registry.device, registry.first_name)
+    new = ParamRegistry(dict(registry.by_id), list(registry.spans), registry.device, registry.first_name)
     for p, name in zip(params, names):
         _reject_dtensor(p, name)
         if p.is_sparse or p.layout != torch.strided:
@@ -75,20 +120,25 @@ def check_params(params: Sequence[torch.Tensor], names: Sequence[str], registry:
         if not p.is_leaf:
             raise ValueError(f"{name} is not a leaf tensor (it was computed from other tensors); "
                              "pass the original parameters")
-        checks = [(new.by_id, id(p), "is the same tensor as")]
-        if p.numel():  # empty tensors own no memory to share (their data pointers may coincide)
-            checks.append((new.by_storage, p.untyped_storage().data_ptr(), "shares storage with"))
-        for table, key, what in checks:
-            if key in table:
-                raise ValueError(f"{name} {what} {table[key]}: each param may appear only once across "
-                                 "all param groups, and params may not alias each other, because every "
-                                 "param becomes a view into one flat buffer, which cannot hold the same "
-                                 "memory twice (torch.optim.Adam only warns about a duplicate)")
-            table[key] = name
         if new.device is None:
             new.device, new.first_name = p.device, name
         elif p.device != new.device:
             raise ValueError(f"all params must be on one device (one device per rank), got "
                              f"{new.device} ({new.first_name}) and {p.device} ({name})")
-    registry.by_id, registry.by_storage = new.by_id, new.by_storage
+        other, what = new.by_id.get(id(p)), "is the same tensor as"
+        span = _memory_span(p)
+        if other is None and p.numel():  # empty tensors own no memory (their data pointers may coincide)
+            other, what = new.overlapping(span), "overlaps the memory range of"
+        if other is not None:
+            raise ValueError(f"{name} {what} {other}: each param may appear only once across all param "
+                             "groups, and params may not overlap in memory, because every param becomes a "
+                             "view into one flat buffer, which cannot hold the same memory twice "
+                             "(torch.optim.Adam only warns about a duplicate)")
+        owner = owner_of(p) if owner_of is not None else None
+        if owner is not None:
+            raise _live_owner_error(name, owner)
+        new.by_id[id(p)] = name
+        if p.numel():
+            bisect.insort(new.spans, (*span, name))
+    registry.by_id, registry.spans = new.by_id, new.spans
     registry.device, registry.first_name = new.device, new.first_name

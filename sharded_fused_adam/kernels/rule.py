@@ -20,8 +20,10 @@ results then differ from it by rounding only); both True: torch's RuntimeError.
 through ``step()``) raise ``NotImplementedError`` (a RuntimeError, the type torch's fused
 Adam raises for ``differentiable``): a step reads overflow flags on the host and issues
 collectives, and the kernel updates flat shards in place. The flags are accepted per param
-group too, are not stored in ``param_groups`` unless a group carried them, and are never
-loaded from a state dict (they describe how torch ran, not the math). Tensor ``lr`` and
+group too, and every group carries all four as torch's do (``add_torch_flags``): the value
+the group was given, else torch's default, except ``fused``, which says what runs here
+(True with the ``torch_fused`` kernel, as ``state_dict()`` writes it; torch's None with the
+others). They are never loaded from a state dict (they describe how torch ran, not the math). Tensor ``lr`` and
 ``betas`` follow torch's rules (1 element; both betas tensors or neither; not with
 ``foreach=True``). ``maximize`` and ``decoupled_weight_decay`` are math, live in every group
 and are checkpointed.
@@ -32,12 +34,12 @@ import math
 import warnings
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["ADAM", "MASTER_KEY", "UpdateRule", "adam_defaults", "check_hyperparameters", "check_torch_flags",
-           "TORCH_IMPLEMENTATION_FLAGS"]
+__all__ = ["ADAM", "MASTER_KEY", "UpdateRule", "adam_defaults", "add_torch_flags", "check_hyperparameters",
+           "check_torch_flags", "TORCH_IMPLEMENTATION_FLAGS"]
 
 MASTER_KEY = "master_param"
 # torch.optim.Adam's implementation switches, with torch's defaults (see [Note: torch's implementation flags]).
@@ -138,6 +140,15 @@ def adam_defaults(
     check_torch_flags(dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable),
                       lr=lr, betas=betas)
     return defaults
+
+
+def add_torch_flags(groups: Sequence[dict], kernel_name: str) -> None:
+    """Give each param group torch.optim.Adam's implementation keys it lacks (see
+    [Note: torch's implementation flags]): code written for torch reads ``group["fused"]``."""
+    flags = {**TORCH_IMPLEMENTATION_FLAGS, "fused": True if kernel_name == "torch_fused" else None}
+    for group in groups:
+        for key, value in flags.items():
+            group.setdefault(key, value)
 
 
 def check_hyperparameters(group: dict, where: str = "") -> None:

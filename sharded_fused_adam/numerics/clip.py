@@ -19,15 +19,15 @@ import torch
 
 from ..grads.grad_watch import watch_of
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "link_owner", "owner_of"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "holder_of", "link_owner", "owner_of"]
 
 # id(param) -> (the param, weakly; its optimizer, weakly), for params no grad watch covers
 _LINKS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def link_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
-    """Let ``owner_of`` find ``owner`` for ``params`` that no grad watch covers (replicated
-    gradients under an ``mpu``); nothing is stored on the params, and the links die with them."""
+    """Let ``holder_of`` find ``owner`` for ``params`` that no grad watch covers (replicated
+    gradients); nothing is stored on the params, and the links die with them."""
     for p in params:
         key = id(p)
 
@@ -37,10 +37,10 @@ def link_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
         _LINKS[key] = (weakref.ref(p, unlink), weakref.ref(owner))
 
 
-def owner_of(p: torch.Tensor) -> Any:
+def holder_of(p: torch.Tensor) -> Any:
     """The live ShardedFusedAdam whose buckets hold ``p``, or None: through the param's grad
     watch (sharded gradients, see [Note: a watch that leaves the user's objects usable]) or a
-    ``link_owner`` link (replicated gradients under an ``mpu``)."""
+    ``link_owner`` link (replicated gradients)."""
     w = watch_of(p)
     if w is not None:
         return w.owner
@@ -48,10 +48,16 @@ def owner_of(p: torch.Tensor) -> Any:
     return link[1]() if link is not None and link[0]() is p else None
 
 
+def owner_of(p: torch.Tensor) -> Any:
+    """The optimizer these drop-ins hand ``p`` to: its holder, if the holder keeps the averaged
+    gradients itself (sharded) or its norm spans model-parallel ranks (an ``mpu``); else None."""
+    o = holder_of(p)
+    return o if o is not None and (o.options.grads == "sharded" or o.options.mpu is not None) else None
+
+
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    owners = {id(o): o for o in (owner_of(p) for p in params)
-              if o is not None and (o.options.grads == "sharded" or o.options.mpu is not None)}
+    owners = {id(o): o for o in (owner_of(p) for p in params) if o is not None}
     if not owners:
         return None, params
     if len(owners) > 1:
