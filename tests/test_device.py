@@ -276,14 +276,13 @@ def _steady_state_counts(rank: int, world_size: int, device_type: str, adamw: bo
 
 
 @pytest.mark.parametrize("adamw", [False, True])
-def test_a_steady_state_step_makes_no_cpu_fallback_and_one_item_call(device_ranks, device_type, adamw):
+def test_a_steady_state_step_makes_no_cpu_fallback_and_one_host_sync(device_ranks, device_type, adamw):
     _emulated_npu(device_type)
     for counts in device_ranks(_steady_state_counts, adamw):
-        # Measured per step: no CPU fallback; one _local_scalar_dense (numerics.precision.local_stats:
-        # `bad.item()`, is the local norm finite) and one device-to-host copy (read_stats:
-        # `reduced.tolist()` of the all-reduced statistics), so two host synchronisations in all.
+        # Measured per step: no CPU fallback and one host synchronisation, the device-to-host copy
+        # of the all-reduced statistics (read_stats; see [Note: one host sync per step]).
         assert counts["fallbacks"] == {}, counts
-        assert counts["local_scalar_dense"] <= 1 and counts["device_to_host_copies"] <= 1, counts
+        assert counts["local_scalar_dense"] + counts["device_to_host_copies"] <= 1, counts
 
 
 def _fused_adam_ops_on_the_npu(rank: int, world_size: int, device_type: str) -> dict:

@@ -76,6 +76,34 @@ def test_one_non_finite_element_on_one_rank_skips_the_step_on_every_rank(ranks):
     assert ranks(_one_bad_element_rank, 3) == [(True, True)] * 3
 
 
+
+def _huge_finite_rank(rank: int, world_size: int, bad: float) -> tuple[bool, bool]:
+    """Rank 1 sends finite gradients whose squares overflow fp32; ``bad`` (if set) goes into rank 0's."""
+    model, ref = make_net(), make_net()
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    grads = []
+    for p in model.parameters():
+        grad = torch.full_like(p, 1e20 if rank == 1 else 0.1)  # sum of squares: inf; elements: finite
+        if rank == 0 and p is model.fc1.weight:
+            grad[0, 0] = bad
+        grads.append(grad)
+        p.grad = grad
+    opt.step()
+    mean = [(torch.full_like(g, 1e20) + torch.full_like(g, 0.1)) / 2 for g in grads]
+    for p, g in zip(ref.parameters(), mean):
+        p.grad = g
+    ref_opt.step()
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    return opt.overflow, same
+
+
+def test_finite_gradients_whose_norm_overflows_are_not_skipped(ranks):
+    """The cheap per-rank flag cannot tell an overflowing sum of squares from a non-finite element;
+    the element check that follows it can (see [Note: one host sync per step])."""
+    assert ranks(_huge_finite_rank, 2, 0.1) == [(False, True)] * 2
+    assert [overflow for overflow, _ in ranks(_huge_finite_rank, 2, math.nan)] == [True, True]
+
 # ---- global-norm clipping ------------------------------------------------------------------
 
 def _clip_rank(rank: int, world_size: int, norm_type: float, via: str) -> dict:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from sharded_fused_adam.numerics.precision import (DynamicLossScaler, LossScaler, clip_coefficient, local_stats,
-                                          make_loss_scaler, read_stats)
+from sharded_fused_adam.numerics.precision import (DynamicLossScaler, LossScaler, any_non_finite, clip_coefficient,
+                                                   local_stats, make_loss_scaler, read_stats)
 
 
 def test_dynamic_scaler_grows_after_the_interval_and_backs_off_after_hysteresis():
@@ -84,7 +84,12 @@ def test_local_stats_flags_non_finite_values(bad):
     assert read_stats(local_stats(g, [True], 2.0, torch.device("cpu")), 2.0).found_inf
 
 
-def test_local_stats_does_not_flag_a_large_but_finite_norm():
+def test_a_large_but_finite_norm_is_told_apart_from_a_non_finite_element():
     g = [torch.full((4,), 3e38)]  # squares overflow fp32, the elements do not
     stats = read_stats(local_stats(g, [True], 2.0, torch.device("cpu")), 2.0)
-    assert not stats.found_inf and math.isinf(stats.norm)
+    assert stats.found_inf and math.isinf(stats.norm)  # the cheap flag cannot tell...
+    assert not any_non_finite(g, torch.device("cpu")).item()  # ...the element check can
+    g.append(torch.tensor([1.0, float("nan")]))
+    assert any_non_finite(g, torch.device("cpu")).item()
+
+

@@ -166,7 +166,7 @@ def merged_groups(shards: ShardState, saved: list[dict]) -> list[dict]:
                   if k not in ("params", *TORCH_IMPLEMENTATION_FLAGS)}
         merged.setdefault("decoupled_weight_decay", group["decoupled_weight_decay"])
         merged.setdefault("maximize", False)  # torch's default for dicts saved before it existed
-        merged.update({k: group[k] for k in _TORCH_IMPLEMENTATION_KEYS if k in group})  # ours, not the file's
+        merged.update({k: group[k] for k in TORCH_IMPLEMENTATION_FLAGS if k in group})  # ours, not the file's
         merged["params"] = group["params"]
         if "param_names" in group and "param_names" not in merged:
             merged["param_names"] = group["param_names"]

@@ -9,9 +9,18 @@ rank; as Megatron and DeepSpeed do, tensor-parallel rank 0 counts the copies and
 ranks count only their split params (see [Note: topology] in comm/topology.py). The shard
 ranges come from the layout's own kernel segments, so alignment gaps (zeros) may be
 included and change nothing.
+
+[Note: one host sync per step]
+On a device every value the host reads costs a synchronisation. A step reads the combined
+statistics once (``read_stats``); the non-finite flag each rank contributes is derived
+from its norm piece on the device, never read alone. A sum of squares that overflowed over
+finite elements sets that flag too, so where the combined flag is set (an overflowing step,
+rare) every rank checks its elements and the ranks combine that answer in a second small
+all-reduce: the verdict is exact, and ordinary steps read the host once.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,7 +28,7 @@ import torch
 from ..comm.plans import CommPlan
 from ..core.bucket import Bucket
 from ..core.layout import kernel_segments
-from .precision import GradStats, clip_coefficient, local_stats, read_stats
+from .precision import GradStats, any_non_finite, clip_coefficient, local_stats, read_stats
 
 __all__ = ["norm_shards", "grad_stats", "clip_factor"]
 
@@ -61,8 +70,12 @@ def grad_stats(buckets: Sequence[Bucket], plan: CommPlan, counts: Callable[[torc
         device: where the statistics tensor lives.
     """
     flags = [flag for b in buckets for flag in b.has_grad]
-    local = local_stats(norm_shards(buckets, counts, everything), flags, norm_type, device)
-    return read_stats(plan.all_reduce_stats(local, norm_type), norm_type)
+    shards = norm_shards(buckets, counts, everything)
+    stats = read_stats(plan.all_reduce_stats(local_stats(shards, flags, norm_type, device), norm_type), norm_type)
+    if stats.found_inf:  # some rank's norm piece is not finite: an element, or only a sum that overflowed?
+        flag = plan.all_reduce_stats(torch.cat([any_non_finite(shards, device), torch.zeros(1, device=device)]), 2.0)
+        stats = dataclasses.replace(stats, found_inf=bool(flag[0].item() > 0))
+    return stats
 
 
 def clip_factor(pending: Sequence[tuple[float, float]], max_grad_norm: Optional[float],

@@ -25,6 +25,7 @@ __all__ = [
     "DynamicLossScaler",
     "make_loss_scaler",
     "local_stats",
+    "any_non_finite",
     "read_stats",
     "clip_coefficient",
     "report_to_grad_scaler",
@@ -52,19 +53,27 @@ def local_stats(
     """This rank's contribution ``[non-finite flag, norm piece, has_grad...]`` as one fp32 tensor.
 
     The norm piece is the sum of squares for ``norm_type`` 2 (ranks then SUM) or the max
-    magnitude for ``inf`` (ranks then MAX); other p-norms sum ``|g|**p``.
+    magnitude for ``inf`` (ranks then MAX); other p-norms sum ``|g|**p``. The flag is set
+    when the norm piece is not finite, read on no host: a non-finite element sets it, and so
+    does a sum of squares that overflowed over finite elements, which ``any_non_finite``
+    tells apart where the combined flag is set (rare; see [Note: one host sync per step]).
     """
     if grad_shards:
         norms = torch.stack(torch._foreach_norm(list(grad_shards), norm_type)).float()
         piece = norms.max() if math.isinf(norm_type) else norms.pow(norm_type).sum()
         bad = ~torch.isfinite(piece)
-        if bad.item():  # rare: find out whether an element is non-finite or the sum overflowed
-            bad = torch.stack([~torch.isfinite(g).all() for g in grad_shards]).any()
     else:
         piece = torch.zeros((), device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
     mask = torch.tensor(list(has_grad), dtype=torch.float32, device=device)
     return torch.cat([bad.float().reshape(1).to(device), piece.reshape(1).to(device), mask])
+
+
+def any_non_finite(grad_shards: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 1-element fp32 flag: 1 where some element of ``grad_shards`` is inf or NaN (no host sync)."""
+    if not grad_shards:
+        return torch.zeros(1, device=device)
+    return torch.stack([~torch.isfinite(g).all() for g in grad_shards]).any().float().reshape(1).to(device)
 
 
 def read_stats(reduced: torch.Tensor, norm_type: float) -> GradStats:
