@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,12 +43,13 @@ import torch
 from ..kernels.rule import ADAM
 from .gathered import (FORMAT_VERSION, HasShardState, check_state_fits, merged_groups,
                          saved_groups)
-from .files import (SAVE_STEPS, ChecksumFile, CheckpointError, CheckpointFileMissing, CheckpointWriteError,
+from .files import (SAVE_STEPS, CheckpointError, CheckpointFileMissing, CheckpointWriteError,
                     crash_point, fsync_dir, recover, version_name, write_atomic)
 from .lock import CheckpointLockedError, acquire, one_save_at_a_time
 from .outputs import check_space, write_failure
-from .reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
+from .reader import CheckpointReader
 from .staging import StagedLoad
+from .writer import RankFile, write_common, write_metadata
 from .state_view import ShardState
 
 __all__ = ["save_sharded", "load_sharded", "consolidate_sharded", "CheckpointError", "CheckpointFileMissing",
@@ -226,50 +226,27 @@ def _commit(shards: ShardState, path: Path, tmp: Path, final: Path, keep_last: i
 
 
 def _write_rank_files(shards: ShardState, folder: Path) -> None:
-    pieces, chunks, steps = [], [], {}
-    name = f"rank{shards.rank:05d}"
-    with ChecksumFile(folder / f"{name}.bin") as f:
+    steps = {s.index: b.steps[slot] for b in shards.buckets for slot, s in enumerate(b.layout.slots)}
+    with RankFile(folder, shards.rank, shards.world_size) as rank_file:
         for b, bucket in enumerate(shards.buckets):
-            for slot, s in enumerate(bucket.layout.slots):
-                steps[s.index] = bucket.steps[slot]
             for key, shard in bucket.state_shards().items():
-                data = shard.detach().to("cpu").contiguous()
-                offset = f.nbytes
-                nbytes, crc = f.write_tensor(data)
-                chunks.append([offset, nbytes, crc])
-                for frag in bucket.fragments:
-                    pieces.append([frag.index, key, str(data.dtype).removeprefix("torch."),
-                                   frag.param_start, frag.param_end,
-                                   offset + frag.shard_offset * data.element_size()])
+                rank_file.add(key, shard.to("cpu"), [(f.index, f.param_start, f.param_end, f.shard_offset)
+                                                     for f in bucket.fragments])
                 if b == 0 and key == ADAM.moment_keys[0]:
-                    f.flush()
+                    rank_file.flush()
                     crash_point("rank_file_partial", shards.rank)
-    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": shards.rank,
-             "world_size": shards.world_size, "nbytes": f.nbytes, "chunks": chunks, "pieces": pieces,
-             "steps": sorted([i, s] for i, s in steps.items())}
-    write_atomic(folder / f"{name}.json", canonical_json(index))
+        rank_file.close(steps)
 
 
 def _write_common(shards: ShardState, folder: Path) -> dict:
-    common = {"param_groups": saved_groups(shards), "loss_scaler": shards.loss_scaler.state_dict()}
-    with ChecksumFile(folder / "common.pt") as f:
-        torch.save(common, f)
-    return {"nbytes": f.nbytes, "crc32": f.crc}
+    return write_common(folder, saved_groups(shards), shards.loss_scaler.state_dict())
 
 
 def _write_metadata(shards: ShardState, folder: Path, common: dict) -> None:
     steps = {s.index: b.steps[slot] for b in shards.buckets for slot, s in enumerate(b.layout.slots)}
     params = [{"index": index, "shape": list(shape), "step": steps.get(index, 0)}
               for index, shape in shards.param_shapes().items()]
-    files = []
-    for r in range(shards.world_size):  # written by every rank before the barrier; small
-        name = f"rank{r:05d}"
-        raw = (folder / f"{name}.json").read_bytes()
-        files.append({"name": name, "nbytes": (folder / f"{name}.bin").stat().st_size, "index_crc32": zlib.crc32(raw)})
-    meta = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": shards.world_size,
-            "params": params, "files": files, "common": common}
-    meta["crc32"] = zlib.crc32(canonical_json(meta))
-    write_atomic(folder / "metadata.json", canonical_json(meta))
+    write_metadata(folder, shards.world_size, params, common)
 
 
 def _shapes_state(reader: CheckpointReader) -> dict:

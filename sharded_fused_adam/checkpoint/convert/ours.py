@@ -9,7 +9,6 @@ holding whole params, which ``load_sharded`` reshards to any world size.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,9 +16,10 @@ import torch
 
 from ...kernels.rule import ADAM
 from ..gathered import FORMAT_VERSION
-from ..files import ChecksumFile, check_version, committed_versions, crc32_of, version_name, write_atomic
+from ..files import check_version, committed_versions, crc32_of, version_name
 from ..outputs import staged_dir, write_small
-from ..reader import SHARDED_FORMAT, SHARDED_VERSION, CheckpointReader, canonical_json
+from ..reader import CheckpointReader
+from ..writer import RankFile, write_common, write_metadata
 from .deepspeed import step_value
 from .state import MASTER_KEY, MOMENT_KEYS, SHAPE_KEY, CheckpointError, NamedState, ParamState, Piece, StateTensor, check_complete, \
     group_hyperparameters
@@ -182,10 +182,10 @@ def write_torch(state: NamedState, path: PathLike, progress: Callable[[int], Non
 
 
 def _write_version(state: NamedState, folder: Path, progress: Callable[[int], None]) -> None:
-    """The files of one version (see [Note: sharded checkpoint format]) into ``folder``."""
+    """The files of one version (see [Note: sharded checkpoint format]) into ``folder``: one rank
+    file holding whole params, in chunks of at most 16M elements, through the format's one writer."""
     order = [n for g in state.groups for n in g["params"]]
-    pieces, chunks = [], []
-    with ChecksumFile(folder / "rank00000.bin") as f:
+    with RankFile(folder, 0, 1) as rank_file:
         for i, name in enumerate(order):
             p = state.params[name]
             sources = dict(p.tensors)
@@ -195,26 +195,13 @@ def _write_version(state: NamedState, folder: Path, progress: Callable[[int], No
             for key, tensor in sources.items():
                 for start in range(0, numel, 1 << 24):
                     end = min(numel, start + (1 << 24))
-                    offset = f.nbytes
-                    nbytes, crc = f.write_tensor(tensor.read(start, end, torch.empty(end - start)))
-                    chunks.append([offset, nbytes, crc])
-                    pieces.append([i, key, "float32", start, end, offset])
+                    rank_file.add(key, tensor.read(start, end, torch.empty(end - start)), [(i, start, end, 0)])
             progress(numel)
-    steps = [[i, state.params[n].step] for i, n in enumerate(order)]
-    index = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "rank": 0, "world_size": 1, "nbytes": f.nbytes,
-             "chunks": chunks, "pieces": pieces, "steps": steps}
-    raw_index = canonical_json(index)
-    write_atomic(folder / "rank00000.json", raw_index)
-    with ChecksumFile(folder / "common.pt") as common:
-        torch.save({"param_groups": _torch_groups(state),
-                    "loss_scaler": state.extra.get("loss_scaler") or {"scale": 1.0}}, common)
+        rank_file.close({i: state.params[n].step for i, n in enumerate(order)})
+    common = write_common(folder, _torch_groups(state), state.extra.get("loss_scaler") or {"scale": 1.0})
     params = [{"index": i, "shape": list(state.params[n].shape), "step": state.params[n].step}
               for i, n in enumerate(order)]
-    meta = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": 1, "params": params,
-            "files": [{"name": "rank00000", "nbytes": f.nbytes, "index_crc32": zlib.crc32(raw_index)}],
-            "common": {"nbytes": common.nbytes, "crc32": common.crc}}
-    meta["crc32"] = zlib.crc32(canonical_json(meta))
-    write_atomic(folder / "metadata.json", canonical_json(meta))
+    write_metadata(folder, 1, params, common)
 
 
 def write_ours(state: NamedState, dst: PathLike, progress: Callable[[int], None] = lambda n: None) -> Path:
