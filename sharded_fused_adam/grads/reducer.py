@@ -17,6 +17,15 @@ The shards outlive the step as ``param.grad`` does in torch; zeroing done elsewh
 [Note: watching param.grad].
 Every rank must run the same number of backward passes per step, as with DDP.
 
+[Note: comm pool]
+Bucket buffers are pooled within a step and dropped when ``finish()`` has completed every
+reduction, so between steps (forward, the activation peak) the reducer holds no buffer and
+the memory goes to activations; a buffer is reused as soon as its reduction is done. While a
+reduction is in flight its empty gradient shard is lent to the plan as an output (send/recv
+receives a peer's chunk into it). So during backward the reducer holds at most
+``max_inflight + 1`` bucket buffers plus, with send/recv over ``N`` ranks, ``N - 2``
+shard-sized receive buffers per reduction in flight; docs/benchmarks.md has the timeline.
+
 [Note: DDP-wrapped models]
 A model wrapped in ``DistributedDataParallel`` (directly, by Accelerate or by the Hugging
 Face Trainer) has its gradients averaged by DDP, which writes them into ``param.grad`` when
@@ -92,6 +101,7 @@ class _Record:
     launched: bool = False
     buffer: Optional[_CommBuffer] = None
     shard_buffer: Optional[_CommBuffer] = None  # the in-place path's buffer (keeps its slot views)
+    lent: bool = False  # the gradient shard is lent to a reduction in flight as its output buffer
 
     def new_round(self) -> None:
         self.filled = [False] * len(self.bucket.params)
@@ -302,8 +312,8 @@ class GradReducer(SyncSwitch):
             if record.shard_buffer is None:
                 record.shard_buffer = _CommBuffer(bucket.grad_shard, owner=record.index)
             return record.shard_buffer
-        while len(self._inflight) >= self._max_inflight:
-            self._complete_oldest()
+        while self._inflight and (len(self._inflight) >= self._max_inflight or self._inflight[0][1].done()):
+            self._complete_oldest()  # a finished reduction's buffer is reused, not a new one allocated
         pool = self._pool.setdefault(record.comm_dtype, [])
         need = bucket.layout.padded_numel
         fits = [cb for cb in pool if cb.tensor.numel() >= need]
@@ -360,12 +370,17 @@ class GradReducer(SyncSwitch):
         if record.in_place:
             bucket.grad_valid = True
             return
-        out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._averaging.needs_output else None
+        out = None
+        if not (bucket.grad_valid or record.lent) and bucket.grad_shard.dtype == flat.dtype:
+            out, record.lent = bucket.grad_shard, True  # empty until this reduction ends: the plan may use it
+        elif self._averaging.needs_output:
+            out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype)
         self._inflight.append((record, self._averaging.start(flat, out, f"gradients of bucket {record.index}"), cb))
 
     def _complete_oldest(self) -> None:
         record, pending, cb = self._inflight.popleft()
         summed = pending.wait()
+        record.lent = False
         bucket = record.bucket
         divisor = 1 if record.predivide else self._averaging.divisor
         if bucket.grad_valid:
@@ -406,8 +421,14 @@ class GradReducer(SyncSwitch):
         changed = flush or bool(self._inflight)
         while self._inflight:
             self._complete_oldest()
+        self._release_pool()
         self._reduced_since_finish = False
         return changed
+
+    def _release_pool(self) -> None:
+        """Drop the comm buffers once every reduction of the step is done (see [Note: comm pool])."""
+        self._pool.clear()
+        self._plan.release_buffers()
 
     def end_step(self) -> None:
         """After ``step()``: watch for zeroing again (see [Note: watching param.grad])."""
