@@ -154,8 +154,10 @@ def plot(ranks: list[dict], path: Path) -> Path:
     for ax, label in zip(axes[0], batches):
         for r in (r for r in runs if r["batch"] == label):
             xs = [p[0] / max(1e-9, r["phases"]["step"][1]) for p in r["points"]]  # normalized step time
-            ax.plot(xs, [p[1] / MiB for p in r["points"]], label=f"{LABELS.get(r['config'], r['config'])} "
-                    f"(peak {r['peak'] / MiB:.0f} MiB)", linewidth=1.2)
+            name = r["config"].replace(" (before)", "")
+            label = LABELS.get(name, name) + (" before" if name != r["config"] else "")
+            ax.plot(xs, [p[1] / MiB for p in r["points"]], label=f"{label} (peak {r['peak'] / MiB:.0f} MiB)",
+                    linewidth=1.2, linestyle="--" if name != r["config"] else "-")
         ax.set_title(f"live tensor bytes, rank 0, batch {label}")
         ax.set_xlabel("fraction of one training step (forward, backward, step)")
         ax.set_ylabel("MiB")
@@ -175,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tag", default="gloo2")
     p.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks" / "live_bytes.png")
+    p.add_argument("--before", default="", help="tag of an earlier run whose 'ours' line the plot also shows")
     p.add_argument("--role", default="parent", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.role == "rank":
@@ -186,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not all(p.exists() for p in paths):
         raise RuntimeError(f"ranks failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     ranks = [read_json(p) for p in paths]
+    if args.before:  # overlay ours from an earlier run (e.g. before a change) as "<config> (before)"
+        earlier = read_json(args.results_dir / "raw" / f"live_bytes_{args.before}_rank0.json")["runs"]
+        ranks[0]["runs"] += [{**r, "config": f"{r['config']} (before)"} for r in earlier if r["config"] == "ours"]
     summary = [{k: v for k, v in r.items() if k != "points"} for r in ranks[0]["runs"]]
     write_json(args.results_dir / f"live_bytes_{args.tag}.json", {"rank0": summary, "rank1": [
         {k: v for k, v in r.items() if k != "points"} for r in ranks[1]["runs"]]})
