@@ -155,8 +155,8 @@ def plot(ranks: list[dict], path: Path) -> Path:
         for r in (r for r in runs if r["batch"] == label):
             xs = [p[0] / max(1e-9, r["phases"]["step"][1]) for p in r["points"]]  # normalized step time
             name = r["config"].replace(" (before)", "")
-            label = LABELS.get(name, name) + (" before" if name != r["config"] else "")
-            ax.plot(xs, [p[1] / MiB for p in r["points"]], label=f"{label} (peak {r['peak'] / MiB:.0f} MiB)",
+            legend = LABELS.get(name, name) + (" before" if name != r["config"] else "")
+            ax.plot(xs, [p[1] / MiB for p in r["points"]], label=f"{legend} (peak {r['peak'] / MiB:.0f} MiB)",
                     linewidth=1.2, linestyle="--" if name != r["config"] else "-")
         ax.set_title(f"live tensor bytes, rank 0, batch {label}")
         ax.set_xlabel("fraction of one training step (forward, backward, step)")

@@ -6,7 +6,7 @@ params; ragged shapes, so shards carry a little padding), takes one step and rea
 bytes per param of params, gradient shard, master and moments (rank 0), their sum, and the
 formula ``b + (4 + m + k) / N`` (``b`` param bytes, ``m`` master bytes, ``k`` moment bytes),
 then the fp32 staging scratch and the pooled gradient buffers (dropped after each step), and
-how the sum splits between the params' device and host memory (``offload="host"``).
+how the sum plus staging splits between the params' device and host memory (``offload="host"``).
 
 Run: ``.venv/bin/python benchmarks/state_memory.py``.
 """
@@ -77,7 +77,7 @@ def main() -> None:
             formula = b + (4 + m + k) / world_size
             print(f"| {label} | {world_size} | " + " | ".join(f"{c / psi:.3f}" for c in cells)
                   + f" | {measured:.3f} | {formula:.3f} | {r['staging'] / psi:.3f} | {r['comm_buffers'] / psi:.2f}"
-                  + f" | {(measured * psi - r['host_state']) / psi:.3f} | {r['host_state'] / psi:.3f} |")
+                  + f" | {(measured * psi - r['host_state'] + r['staging']) / psi:.3f} | {r['host_state'] / psi:.3f} |")
     print(f"Ψ = {out[('fp32 model', 1)]['num_params']:,} params")
 
 

@@ -231,13 +231,15 @@ class Bucket:
         num_staged = sum(not h.in_place for h in held)
         numel = self.exp_avg.numel()
         size = self.chunk_numel
-        rows = self.storage.scratch.rows(num_staged * self._num_buffers, min(size, numel))
+        num_chunks = -(-numel // size)
+        buffers = min(self._num_buffers, num_chunks)  # one chunk needs no second buffer
+        rows = self.storage.scratch.rows(num_staged * buffers, min(size, numel))
         plan = []
-        for k in range(-(-numel // size)):
+        for k in range(num_chunks):
             lo, hi = k * size, min((k + 1) * size, numel)
             pieces = [(i, max(s, lo), min(e, hi)) for i, (s, e) in enumerate(ranges) if s < hi and e > lo]
             if pieces:
-                first = (k % self._num_buffers) * num_staged
+                first = (k % buffers) * num_staged
                 plan.append(self._make_chunk(k, lo, hi, pieces, held, rows[first:first + num_staged]))
         self._chunks = ((ranges, amsgrad, self.storage.scratch.generation), tuple(plan))
         return self._chunks[1]
