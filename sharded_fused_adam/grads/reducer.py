@@ -18,15 +18,11 @@ The shards outlive the step as ``param.grad`` does in torch; zeroing done elsewh
 Every rank must run the same number of backward passes per step, as with DDP.
 
 [Note: comm pool]
-The reducer holds at most ``max_inflight + 1`` bucket buffers plus, with send/recv over ``N``
-ranks, ``N - 2`` shard-sized receive buffers per reduction in flight: while a reduction is in
-flight its empty gradient shard is lent to the plan as an output (send/recv receives a peer's
-chunk into it), and a buffer is reused as soon as its reduction is done. On an accelerator
-the pool is dropped when ``finish()`` has completed every reduction, so between steps
-(forward, the activation peak) the memory goes to activations: its caching allocator hands
-the blocks back at the next backward without cost. On CPU the pool is kept: glibc returns
-freed blocks of this size to the OS, and faulting them in again made a 16.8M-param step on 2
-gloo ranks 1.31x slower (593 against 454 ms, interleaved). docs/benchmarks.md has the timeline.
+At most ``max_inflight + 1`` bucket buffers, plus (send/recv, ``N`` ranks) ``N - 2`` receive
+shards per reduction in flight: its empty gradient shard is lent to the plan as an output.
+On an accelerator the pool is dropped after ``finish()``, so forward's activations reuse it
+(a caching allocator hands the blocks back for free); on CPU it is kept, as glibc unmaps
+blocks this size and re-faulting them made the anchor step 1.31x slower (docs/benchmarks.md).
 
 [Note: DDP-wrapped models]
 A model wrapped in ``DistributedDataParallel`` (directly, by Accelerate or by the Hugging
@@ -372,11 +368,10 @@ class GradReducer(SyncSwitch):
         if record.in_place:
             bucket.grad_valid = True
             return
-        out = None
-        if not (bucket.grad_valid or record.lent) and bucket.grad_shard.dtype == flat.dtype:
-            out, record.lent = bucket.grad_shard, True  # empty until this reduction ends: the plan may use it
-        elif self._averaging.needs_output:
-            out = torch.empty_like(bucket.grad_shard, dtype=flat.dtype)
+        lend = not (bucket.grad_valid or record.lent) and bucket.grad_shard.dtype == flat.dtype
+        record.lent |= lend  # the shard is empty until this reduction ends: the plan may write into it
+        out = bucket.grad_shard if lend else (
+            torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._averaging.needs_output else None)
         self._inflight.append((record, self._averaging.start(flat, out, f"gradients of bucket {record.index}"), cb))
 
     def _complete_oldest(self) -> None:
