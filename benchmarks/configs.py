@@ -32,6 +32,8 @@ LABELS = {
 VARIANTS = {
     "ours_overlap_gather": {"overlap_param_gather": True},
     "ours_allreduce_broadcast": {"comm": "allreduce_broadcast"},  # gloo before SendRecv
+    "ours_offload": {"offload": "host"},  # on CPU the host is the device: bookkeeping cost only
+    "ours_buckets_4mb": {"bucket_cap_mb": 4.0},  # a comm pool of 4 MiB buckets instead of 25
 }
 LABELS.update({name: "ShardedFusedAdam " + ", ".join(f"{k}={v}" for k, v in kw.items())
                for name, kw in VARIANTS.items()})
@@ -231,8 +233,8 @@ class Ours(Trainer):
 
         self.name = name
         self.module = model
-        self.optimizer = ShardedFusedAdam(model.parameters(), lr=settings.lr, bucket_cap_mb=settings.bucket_mb,
-                                          **VARIANTS.get(name, {}))
+        kwargs = {"bucket_cap_mb": settings.bucket_mb, **VARIANTS.get(name, {})}
+        self.optimizer = ShardedFusedAdam(model.parameters(), lr=settings.lr, **kwargs)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)

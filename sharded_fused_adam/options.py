@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .comm.plans import COMM_PLANS
 from .core.compact_state import MASTER_WEIGHTS
+from .core.storage import OFFLOADS
 from .kernels import KERNEL_NAMES
 from .numerics.precision import LossScaler, make_loss_scaler
 
@@ -69,6 +70,10 @@ class ShardingOptions:
         state_dtype: the dtype Adam's moments are stored in: None (default: fp32, or the
             params' dtype for fp64) or ``torch.bfloat16`` (half the moment memory; the update
             still runs in fp32; measured quality in docs/mixed-precision.md).
+        offload: None (default) or ``"host"``: moments and fp32 masters live in host memory
+            (pinned on an accelerator) and stream through the device in chunks for the update,
+            bit for bit the same training (docs/mixed-precision.md). Not with
+            ``master_weights="split"``.
 
     Raises:
         ValueError: a value out of range or not one of the listed choices.
@@ -93,6 +98,7 @@ class ShardingOptions:
     overlap_param_gather: bool = False
     master_weights: str = "auto"
     state_dtype: Optional[torch.dtype] = None
+    offload: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.grads not in GRADIENT_MODES:
@@ -113,6 +119,11 @@ class ShardingOptions:
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
         if self.state_dtype not in _STATE_DTYPES:
             raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {self.offload!r}")
+        if self.offload is not None and self.master_weights == "split":
+            raise ValueError(f"offload={self.offload!r} keeps 4-byte fp32 masters in host memory; it cannot be "
+                             "combined with master_weights='split' (use master_weights='auto' or 'fp32')")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         for name in ("overlap", "broadcast_params", "overlap_param_gather"):

@@ -45,7 +45,7 @@ def _train_both(rank: int, world_size: int, opt_kwargs: dict, sharded_kwargs: di
             loss_fn(m, tokens, target.to(torch.bfloat16)).float().backward()
             opt.step()
         bad += _state_mismatches(*opts, *models)
-        ties += sum(b._split.num_down_ties for b in opts[1].shard_state().buckets)
+        ties += sum(b.num_down_ties for b in opts[1].shard_state().buckets)
     return bad, ties
 
 
@@ -116,7 +116,7 @@ def _bf16_moments_rank(rank: int, world_size: int, amsgrad: bool) -> int:
                 if key in state:
                     state[key].copy_(state[key].bfloat16())
         bad += sum(int((_bits(a) != _bits(b)).sum()) for a, b in zip(model.parameters(), ref.parameters()))
-    assert all(b.exp_avg.dtype == torch.bfloat16 for b in opt.shard_state().buckets)
+    assert all(b.moment("exp_avg").dtype == torch.bfloat16 for b in opt.shard_state().buckets)
     return bad
 
 
@@ -225,7 +225,7 @@ def _memory_rank(rank: int, world_size: int) -> dict:
         opt = ShardedFusedAdam(model.parameters(), lr=1e-3, master_weights=master, state_dtype=state_dtype)
         model(torch.randn(4, 256, dtype=dtype)).float().sum().backward()
         opt.step()
-        ties = sum(b._split.num_down_ties for b in opt.shard_state().buckets if b._split is not None)
+        ties = sum(b.num_down_ties for b in opt.shard_state().buckets)
         out[name] = dict(report=opt.memory_report().as_dict(), ties=ties)
     return out
 

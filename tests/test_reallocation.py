@@ -51,12 +51,12 @@ CAUSES = [
 def test_reallocated_param_is_named_and_nothing_is_updated(cause, message):
     model, opt = _model_and_opt()
     flat_before = [b.buffer.flat.clone() for b in opt.shard_state().buckets]
-    exp_avg_before = [b.exp_avg.clone() for b in opt.shard_state().buckets]
+    exp_avg_before = [b.moment("exp_avg").clone() for b in opt.shard_state().buckets]
     cause(model)
     with pytest.raises(ParamMovedError, match=message):
         opt.step()
     assert all(torch.equal(a, b.buffer.flat) for a, b in zip(flat_before, opt.shard_state().buckets))
-    assert all(torch.equal(a, b.exp_avg) for a, b in zip(exp_avg_before, opt.shard_state().buckets))
+    assert all(torch.equal(a, b.moment("exp_avg")) for a, b in zip(exp_avg_before, opt.shard_state().buckets))
     assert all(s == 0 for b in opt.shard_state().buckets for s in b.steps)
 
 

@@ -69,6 +69,10 @@ class Pending:
         self._started = time.monotonic()
         self._then = then  # local work that turns the finished transfers into the result
 
+    def done(self) -> bool:
+        """Whether every transfer has finished (``wait()`` would not block on the wire)."""
+        return all(work.is_completed() for work in self._works)
+
     def wait(self) -> torch.Tensor | None:
         try:
             for work in self._works:
@@ -261,7 +265,10 @@ class CommPlan:
             flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)], flat)
 
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
-        """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard."""
+        """Start summing ``flat`` over ranks; ``wait()`` gives this rank's summed shard.
+
+        ``shard_out``: a shard-sized buffer of ``flat``'s dtype the plan may write into until
+        ``wait()`` returns (required where ``reduce_needs_output``), or None."""
         return Pending([], flat)
 
     def gather(self, flat: torch.Tensor, what: str = "params") -> Pending:
@@ -271,6 +278,9 @@ class CommPlan:
     def receive_buffer_bytes(self) -> int:
         """Bytes this plan keeps for receiving (pooled between collectives); none here."""
         return 0
+
+    def release_buffers(self) -> None:
+        """Drop the pooled receive buffers (between steps, so activations can reuse the memory)."""
 
     def own_shard(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a padded flat buffer."""
@@ -366,12 +376,18 @@ class SendRecv(CommPlan):
         """Bytes held in pooled receive buffers."""
         return sum(b.numel() * b.element_size() for bufs in self._free.values() for b in bufs)
 
+    def release_buffers(self) -> None:
+        self._free.clear()
+
     def reduce(self, flat: torch.Tensor, shard_out: torch.Tensor | None, what: str = "gradients") -> Pending:
         self.counter.add("reduce_scatter", flat)
         shard_numel, rank, world_size = flat.numel() // self.world_size, self.rank, self.world_size
         own = flat.narrow(0, rank * shard_numel, shard_numel)
         peers = [r for r in range(world_size) if r != rank]
-        received = [self._take(own) for _ in peers]
+        # A shard-sized ``shard_out`` (the caller's empty gradient shard) receives the first peer's
+        # chunk: one pooled buffer fewer per reduction in flight.
+        lent = [shard_out] if shard_out is not None and peers and shard_out.dtype == own.dtype else []
+        received = lent + [self._take(own) for _ in peers[len(lent):]]
         contributions = list(received)  # contributions[r]: rank r's values of this rank's chunk
         contributions.insert(rank, own)
 
@@ -388,7 +404,7 @@ class SendRecv(CommPlan):
             for r in range(1, world_size - 1):
                 acc.add_(contributions[r])
             torch.add(acc, contributions[-1], out=own)
-            self._give(received)
+            self._give(received[len(lent):])
 
         return self._issue(f"send/recv reduce-scatter of {what} ({_mb(flat)})", launch, own, add_up)
 

@@ -32,9 +32,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 import torch
 
 from ..kernels.rule import ADAM, MASTER_KEY
-from .compact_state import CHUNK_NUMEL, SplitMaster, resolve_master_weights
+from .compact_state import CHUNK_NUMEL, resolve_master_weights
 from .flat_buffer import FlatParamBuffer
 from .layout import BucketLayout, kernel_segments, plan_buckets
+from .storage import OFFLOAD_CHUNK_NUMEL, Scratch, StateStorage
 
 __all__ = ["Bucket", "LOW_PRECISION", "MOMENT_KEYS", "STATE_KEYS", "pack_buckets"]
 
@@ -57,11 +58,9 @@ class SegmentViews(NamedTuple):
 class _Chunk(NamedTuple):
     """One chunk of a staged update (see [Note: staged update])."""
 
-    index: int
     segments: tuple[int, ...]      # indices into the update's segment list that run in this chunk
     views: SegmentViews            # what the kernel gets: scratch views where staged
-    master_scratch: Optional[tuple[torch.Tensor, torch.Tensor]]  # the rebuilt master as (fp32, int32) views
-    moments: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (stored slice, fp32 scratch slice) pairs
+    actions: tuple[tuple[Callable[[], object], Callable[[], object]], ...]  # (stage, unstage) per staged tensor
 
 
 class Bucket:
@@ -76,11 +75,14 @@ class Bucket:
         master_weights: ``"fp32"`` or ``"split"`` (bf16 params only; see [Note: split masters]).
         state_dtype: the dtype the moments are stored in (None: fp32, or the dtype of
             fp64 params); the update always runs in fp32 (see [Note: staged update]).
+        offload: None or ``"host"`` (see [Note: host offload] in storage.py).
+        scratch: the staging scratch to share with other buckets (None: one of its own).
     """
 
     def __init__(self, layout: BucketLayout, params: Sequence[torch.Tensor], names: Sequence[str],
                  group_index: int, rank: int, *, master_weights: str = "fp32",
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None, offload: Optional[str] = None,
+                 scratch: Optional[Scratch] = None):
         self.layout = layout
         self.group_index = group_index
         self.rank = rank
@@ -90,24 +92,20 @@ class Bucket:
             (start, end) for start, end, _ in kernel_segments(self.fragments, layout.slots, [0] * len(self.fragments))
         )
         param_shard = self.buffer.shard(rank)
-        self.compute_dtype = torch.float32 if self.is_low_precision else self.buffer.dtype
         assert master_weights == "fp32" or self.buffer.dtype == torch.bfloat16, (master_weights, self.buffer.dtype)
-        self.chunk_numel = CHUNK_NUMEL
-        self._split = SplitMaster(param_shard, self.chunk_numel) if master_weights == "split" else None
-        self._master: Optional[torch.Tensor] = None
-        if self._split is None:
-            self._master = param_shard.float() if self.is_low_precision else param_shard
-        self.state_dtype = state_dtype or self.compute_dtype
-        self.exp_avg = torch.zeros(param_shard.numel(), dtype=self.state_dtype, device=param_shard.device)
-        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
-        self.max_exp_avg_sq: torch.Tensor | None = None
+        self.storage = StateStorage(param_shard, master_weights=master_weights, state_dtype=state_dtype,
+                                    offload=offload, chunk_numel=OFFLOAD_CHUNK_NUMEL if offload else CHUNK_NUMEL,
+                                    scratch=scratch)
+        self.compute_dtype = self.storage.compute_dtype
+        self.state_dtype = self.storage.state_dtype
+        self.chunk_numel = self.storage.chunk_numel
+        self._num_buffers = 2 if offload else 1  # double buffered: chunk k + 1 stages while chunk k runs
         self.grad_shard = torch.zeros(param_shard.numel(), dtype=self.compute_dtype, device=param_shard.device)
         self.grad_valid = False  # False: the shard holds no gradient since zero_grad
         self.has_grad = [False] * len(layout.slots)  # this rank, since zero_grad
         self.steps = [0] * len(layout.slots)  # Adam step count per param (same on all ranks)
         self._views: tuple = ((), None)  # (ranges, SegmentViews) of the last direct update
-        self._chunks: tuple = ((), False, ())  # (ranges, amsgrad, chunks) of the last staged update
-        self._scratch: Optional[torch.Tensor] = None
+        self._chunks: tuple = ((), ())  # ((ranges, amsgrad, scratch generation), chunks) of the last staged update
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -120,35 +118,55 @@ class Bucket:
 
     @property
     def is_staged(self) -> bool:
-        """The update runs on fp32 scratch chunks (see [Note: staged update])."""
-        return self._split is not None or self.state_dtype != self.compute_dtype
+        """The update runs on scratch chunks (see [Note: staged update])."""
+        return self.storage.is_staged
+
+    def moment(self, key: str) -> Optional[torch.Tensor]:
+        """This rank's shard of the update rule's state tensor ``key`` as stored (None: not held)."""
+        held = self.storage.moments.get(key)
+        return None if held is None else held.tensor
+
+    @property
+    def amsgrad(self) -> bool:
+        """Whether the rule's optional state (``max_exp_avg_sq``) is held."""
+        return all(key in self.storage.moments for key, _ in ADAM.optional_keys)
 
     @property
     def master(self) -> torch.Tensor:
         """This rank's master shard (the param shard for fp32/fp64 params; a new fp32 tensor when split)."""
-        return self._split.full() if self._split is not None else self._master
+        return self.storage.master.full()
 
     @property
     def master_nbytes(self) -> int:
         """Bytes held for the master beyond the params: 0, 2 (split) or 4 per element."""
-        if self._split is not None:
-            return self._split.nbytes
-        return self._master.numel() * self._master.element_size() if self.is_low_precision else 0
+        return self.storage.master.nbytes
+
+    @property
+    def num_down_ties(self) -> int:
+        """Split masters only: elements kept in the tie list (see [Note: split masters])."""
+        return self.storage.master.num_down_ties
+
+    @property
+    def moment_nbytes(self) -> int:
+        return self.storage.nbytes[1]
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of master and moments held in host memory (offloaded)."""
+        return self.storage.nbytes[2]
 
     @property
     def staging_nbytes(self) -> int:
-        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
+        return self.storage.scratch.nbytes
 
     def adopt_grad_shard(self, view: torch.Tensor) -> None:
         """Use ``view`` (a shard of a replicated gradient buffer) as the gradient shard: no copy."""
         assert view.shape == self.grad_shard.shape and view.dtype == self.grad_shard.dtype
         self.grad_shard = view
-        self._views, self._chunks = ((), None), ((), False, ())
+        self._views, self._chunks = ((), None), ((), ())
 
-    def ensure_amsgrad_buffer(self) -> torch.Tensor:
-        if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = torch.zeros_like(self.exp_avg)
-        return self.max_exp_avg_sq
+    def ensure_amsgrad_buffer(self) -> None:
+        self.storage.add_amsgrad()
 
     def segments_to_update(self, mask: Sequence[bool]) -> list[tuple[int, int, int]]:
         """``(start, end, new_step)`` shard ranges to update, given which params have a gradient.
@@ -171,12 +189,13 @@ class Bucket:
         Only for buckets that are not staged."""
         assert not self.is_staged
         cached_ranges, views = self._views
-        amsgrad = self.max_exp_avg_sq is not None
+        amsgrad = self.amsgrad
         if views is None or cached_ranges != ranges or bool(views.max_exp_avg_sq) != amsgrad:
             def cut(t: torch.Tensor | None) -> list[torch.Tensor]:
                 return [] if t is None else [t.narrow(0, s, e - s) for s, e in ranges]
-            views = SegmentViews(cut(self._master), cut(self.grad_shard), cut(self.exp_avg),
-                                 cut(self.exp_avg_sq), cut(self.max_exp_avg_sq))
+            # the rule's state keys come in the order of the kernel's state arguments (kernels/rule.py)
+            views = SegmentViews(cut(self.storage.master.tensor), cut(self.grad_shard),
+                                 *(cut(self.moment(key)) for key in ADAM.state_keys))
             self._views = (ranges, views)
         return views
 
@@ -192,85 +211,65 @@ class Bucket:
                       amsgrad=amsgrad, **scalars)
             return
         for chunk in self._chunk_plan(ranges, amsgrad):
-            self._stage(chunk)
+            for stage, _ in chunk.actions:
+                stage()
             v = chunk.views
             adam_step(v.master, v.grad, v.exp_avg, v.exp_avg_sq, v.max_exp_avg_sq, [steps[i] for i in chunk.segments],
                       amsgrad=amsgrad, **scalars)
-            self._unstage(chunk)
+            for _, unstage in chunk.actions:
+                unstage()
+        self.storage.finish()
 
     def _chunk_plan(self, ranges: tuple[tuple[int, int], ...], amsgrad: bool) -> tuple[_Chunk, ...]:
         """The chunks that ``ranges`` touch, with the kernel's views (cached like ``segment_views``)."""
-        cached_ranges, cached_amsgrad, chunks = self._chunks
-        if chunks and cached_ranges == ranges and cached_amsgrad == amsgrad:
-            return chunks
-        moments = [self.exp_avg, self.exp_avg_sq] + ([self.max_exp_avg_sq] if amsgrad else [])
-        rows = self._scratch_rows(len(moments))
-        numel = self.exp_avg.numel()
-        plan = []
+        key = (ranges, amsgrad, self.storage.scratch.generation)
+        if self._chunks[1] and self._chunks[0] == key:
+            return self._chunks[1]
+        held = self.storage.held(amsgrad)
+        num_staged = sum(not h.in_place for h in held)
+        numel = self.grad_shard.numel()
         size = self.chunk_numel
-        for k in range(-(-numel // size)):
+        num_chunks = -(-numel // size)
+        buffers = min(self._num_buffers, num_chunks)  # one chunk needs no second buffer
+        rows = self.storage.scratch.rows(num_staged * buffers, min(size, numel))
+        plan = []
+        for k in range(num_chunks):
             lo, hi = k * size, min((k + 1) * size, numel)
             pieces = [(i, max(s, lo), min(e, hi)) for i, (s, e) in enumerate(ranges) if s < hi and e > lo]
             if pieces:
-                plan.append(self._make_chunk(k, lo, hi, pieces, moments, rows))
-        self._chunks = (ranges, amsgrad, tuple(plan))
-        return self._chunks[2]
-
-    def _scratch_rows(self, num_moments: int) -> list[torch.Tensor]:
-        """One fp32 row of ``CHUNK_NUMEL`` per staged tensor: the master first (if split), then
-        the moments (if stored in another dtype)."""
-        need = (self._split is not None) + (num_moments if self.state_dtype != self.compute_dtype else 0)
-        if self._scratch is None or self._scratch.shape[0] < need:
-            width = min(self.chunk_numel, self.exp_avg.numel())
-            self._scratch = torch.empty(need, width, dtype=self.compute_dtype, device=self.exp_avg.device)
-        return list(self._scratch.unbind(0))
+                first = (k % buffers) * num_staged
+                plan.append(self._make_chunk(k, lo, hi, pieces, held, rows[first:first + num_staged]))
+        self._chunks = ((ranges, amsgrad, self.storage.scratch.generation), tuple(plan))
+        return self._chunks[1]
 
     def _make_chunk(self, k: int, lo: int, hi: int, pieces: list[tuple[int, int, int]],
-                    moments: list[torch.Tensor], rows: list[torch.Tensor]) -> _Chunk:
+                    held: list, rows: list[torch.Tensor]) -> _Chunk:
         def cut(t: torch.Tensor, offset: int) -> list[torch.Tensor]:
             return [t.narrow(0, s - offset, e - s) for _, s, e in pieces]
 
-        master_row = rows[0] if self._split is not None else None
-        master = cut(self._master, 0) if master_row is None else cut(master_row, lo)
-        if self.state_dtype == self.compute_dtype:
-            kernel_moments, pairs = [cut(t, 0) for t in moments], ()
-        else:
-            moment_rows = rows[int(master_row is not None):][:len(moments)]
-            kernel_moments = [cut(row, lo) for row in moment_rows]
-            pairs = tuple((t.narrow(0, lo, hi - lo), row.narrow(0, 0, hi - lo)) for t, row in zip(moments, moment_rows))
-        views = SegmentViews(master, cut(self.grad_shard, 0), *kernel_moments,
+        kernel, actions, free = [], [], iter(rows)
+        for h in held:
+            if h.in_place:
+                kernel.append(cut(h.tensor, 0))
+            else:
+                row = next(free)
+                kernel.append(cut(row, lo))
+                actions.append(h.bind(k, lo, hi, row))
+        master, *moments = kernel
+        views = SegmentViews(master, cut(self.grad_shard, 0), *moments,
                              *([[]] if len(moments) == 2 else []))  # no amsgrad: no max_exp_avg_sq views
-        master_scratch = None
-        if master_row is not None:
-            master_scratch = (master_row.narrow(0, 0, hi - lo), master_row.narrow(0, 0, hi - lo).view(torch.int32))
-        return _Chunk(k, tuple(i for i, _, _ in pieces), views, master_scratch, pairs)
-
-    def _stage(self, chunk: _Chunk) -> None:
-        if chunk.master_scratch is not None:
-            self._split.join(chunk.index, chunk.master_scratch[1])
-        for stored, scratch in chunk.moments:
-            scratch.copy_(stored)
-
-    def _unstage(self, chunk: _Chunk) -> None:
-        if chunk.master_scratch is not None:
-            self._split.split(chunk.index, *chunk.master_scratch)
-        for stored, scratch in chunk.moments:
-            stored.copy_(scratch)  # rounds to nearest-even
+        return _Chunk(tuple(i for i, _, _ in pieces), views, tuple(actions))
 
     def advance_steps(self, mask: Sequence[bool]) -> None:
         self.steps = [s + 1 if m else s for s, m in zip(self.steps, mask)]
 
     def publish_master(self) -> None:
         """Round the fp32 master into this rank's slice of the flat params (a split master already did)."""
-        if self.is_low_precision and self._split is None:
-            self.buffer.shard(self.rank).copy_(self._master)
+        self.storage.master.publish(self.buffer.shard(self.rank))
 
     def refresh_master(self) -> None:
         """Make the master equal the current low-precision params (after editing them in place)."""
-        if self._split is not None:
-            self._split.reset()
-        elif self.is_low_precision:
-            self._master.copy_(self.buffer.shard(self.rank))
+        self.storage.master.refresh(self.buffer.shard(self.rank))
 
     # ---- checkpoint seam: the only writer of moments and masters besides the kernel ----
     def state_shards(self) -> dict[str, torch.Tensor]:
@@ -279,18 +278,16 @@ class Bucket:
         Moments come in their stored dtype (``state_dtype``); the master always in fp32
         (rebuilt into a new tensor when split), so checkpoints reshard and interoperate.
         """
-        shards = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        if self.max_exp_avg_sq is not None:
-            shards["max_exp_avg_sq"] = self.max_exp_avg_sq
-        if self.is_low_precision:
-            shards["master_param"] = self.master
+        shards = {key: held.full() for key, held in self.storage.moments.items()}
+        if self.storage.master.checkpointed:
+            shards[MASTER_KEY] = self.master
         return shards
 
     def state_template(self, key: str) -> torch.Tensor:
         """A meta tensor with the shape and the dtype a loader should stage ``key`` in (full precision)."""
         assert key in STATE_KEYS, key
-        dtype = torch.float32 if key == "master_param" else self.compute_dtype
-        return torch.empty(self.exp_avg.shape, dtype=dtype, device="meta")
+        dtype = torch.float32 if key == MASTER_KEY else self.compute_dtype
+        return torch.empty(self.grad_shard.shape, dtype=dtype, device="meta")
 
     def load_state(self, steps: Sequence[int], shards: Mapping[str, torch.Tensor]) -> None:
         """Replace the steps and state shards with loaded ones (shard-shaped, any device and dtype).
@@ -301,38 +298,38 @@ class Bucket:
         """
         assert len(steps) == len(self.layout.slots), (len(steps), len(self.layout.slots))
         self.steps = [int(s) for s in steps]
-        if "max_exp_avg_sq" in shards:
+        if any(key in shards for key, _ in ADAM.optional_keys):
             self.ensure_amsgrad_buffer()
-        for key in MOMENT_KEYS:
-            target, value = getattr(self, key), shards.get(key)
-            if target is not None:
-                target.copy_(value) if value is not None else target.zero_()
-        if self.is_low_precision:
-            value = shards.get("master_param")
+        for key, held in self.storage.moments.items():
+            held.load(shards.get(key))
+        if self.storage.master.checkpointed:
+            value = shards.get(MASTER_KEY)
             if value is None:
                 self.refresh_master()
-            elif self._split is not None:
-                self._split.load(value)
             else:
-                self._master.copy_(value)
+                self.storage.master.load(value)
 
 
 def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: Sequence[str], *,
                  group_index: int, first_index: int, world_size: int, rank: int,
                  bucket_cap_mb: float, master_weights: str = "auto",
-                 state_dtype: Optional[torch.dtype] = None) -> list[Bucket]:
+                 state_dtype: Optional[torch.dtype] = None, offload: Optional[str] = None) -> list[Bucket]:
     """Buckets for ``params[i] for i in members`` of one group: per dtype, in reverse order
-    (the order backward produces gradients), at most ``bucket_cap_mb`` each."""
+    (the order backward produces gradients), at most ``bucket_cap_mb`` each. Offloaded buckets
+    of one compute dtype share one staging scratch (see [Note: host offload] in storage.py)."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i in members:
         by_dtype.setdefault(params[i].dtype, []).append(i)
     buckets = []
+    shared: dict[torch.dtype, Scratch] = {}
     for dtype, indices in by_dtype.items():
         cap = max(1, int(bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
         order = [(first_index + i, params[i].numel()) for i in reversed(indices)]
         master = resolve_master_weights(master_weights, dtype, [names[i] for i in indices])
+        compute = torch.float32 if dtype in LOW_PRECISION else dtype
         for layout in plan_buckets(order, world_size=world_size, bucket_numel=cap):
             local = [s.index - first_index for s in layout.slots]
+            scratch = shared.setdefault(compute, Scratch(compute, params[local[0]].device)) if offload else None
             buckets.append(Bucket(layout, [params[i] for i in local], [names[i] for i in local], group_index, rank,
-                                  master_weights=master, state_dtype=state_dtype))
+                                  master_weights=master, state_dtype=state_dtype, offload=offload, scratch=scratch))
     return buckets

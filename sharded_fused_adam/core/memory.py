@@ -29,6 +29,8 @@ class MemoryReport:
     bucket, see [Note: staged update] in bucket.py). ``master_shards`` counts what the master
     holds beyond the params: 4 bytes per element of a low-precision shard, 2 when split
     (plus 8 bytes per down tie, see [Note: split masters]).
+    ``host_state``: the part of ``master_shards`` and ``moments`` held in host memory
+    (``offload="host"``); the rest of ``total`` is on the params' device (``device_total``).
     ``num_params`` is Ψ, the number of parameter elements.
     """
 
@@ -41,6 +43,7 @@ class MemoryReport:
     moments: int
     comm_buffers: int
     staging: int = 0
+    host_state: int = 0
 
     @property
     def optimizer_state(self) -> int:
@@ -51,15 +54,21 @@ class MemoryReport:
     def total(self) -> int:
         return self.params + self.grad_shards + self.optimizer_state + self.comm_buffers + self.staging
 
+    @property
+    def device_total(self) -> int:
+        """What stays on the params' device: everything but the offloaded state."""
+        return self.total - self.host_state
+
     def bytes_per_param(self) -> dict[str, float]:
         """Each component (and the total) divided by Ψ: the table of docs/concepts.md."""
         psi = max(1, self.num_params)
         parts = ("params", "grad_shards", "master_shards", "moments", "optimizer_state", "comm_buffers",
-                 "staging", "total")
+                 "staging", "host_state", "total")
         return {k: getattr(self, k) / psi for k in parts}
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "optimizer_state": self.optimizer_state, "total": self.total}
+        return {**self.__dict__, "optimizer_state": self.optimizer_state, "total": self.total,
+                "device_total": self.device_total}
 
 
 def memory_report(buckets: Sequence[Bucket], world_size: int, comm_buffer_bytes: int) -> MemoryReport:
@@ -73,7 +82,8 @@ def memory_report(buckets: Sequence[Bucket], world_size: int, comm_buffer_bytes:
         padding=params - used,
         grad_shards=sum(_nbytes(b.grad_shard) for b in buckets if b.grad_shard._base is None),  # not views
         master_shards=sum(b.master_nbytes for b in buckets),
-        moments=sum(_nbytes(b.exp_avg) + _nbytes(b.exp_avg_sq) + _nbytes(b.max_exp_avg_sq) for b in buckets),
+        moments=sum(b.moment_nbytes for b in buckets),
         comm_buffers=comm_buffer_bytes,
-        staging=sum(b.staging_nbytes for b in buckets),
+        staging=sum({id(b.storage.scratch): b.staging_nbytes for b in buckets}.values()),  # offload shares one
+        host_state=sum(b.host_nbytes for b in buckets),
     )

@@ -19,6 +19,13 @@ The shards outlive the step as ``param.grad`` does in torch; zeroing done elsewh
 [Note: watching param.grad].
 Every rank must run the same number of backward passes per step, as with DDP.
 
+[Note: comm pool]
+At most ``max_inflight + 1`` bucket buffers, plus (send/recv, ``N`` ranks) ``N - 2`` receive
+shards per reduction in flight: its empty gradient shard is lent to the plan as an output.
+On an accelerator the pool is dropped after ``finish()``, so forward's activations reuse it
+(a caching allocator hands the blocks back for free); on CPU it is kept, as glibc unmaps
+blocks this size and re-faulting them made the anchor step 1.31x slower (docs/benchmarks.md).
+
 [Note: DDP-wrapped models]
 A model wrapped in ``DistributedDataParallel`` (directly, by Accelerate or by the Hugging
 Face Trainer) has its gradients averaged by DDP, which writes them into ``param.grad`` when
@@ -80,6 +87,7 @@ class _Record:
     launched: bool = False
     buffer: Optional[_CommBuffer] = None
     shard_buffer: Optional[_CommBuffer] = None  # the in-place path's buffer (keeps its slot views)
+    lent: bool = False  # the gradient shard is lent to a reduction in flight as its output buffer
 
     def new_round(self) -> None:
         self.filled = [False] * len(self.bucket.params)
@@ -100,8 +108,8 @@ class _SumOverRanks:
     def __init__(self, plan: CommPlan):
         self.plan, self.divisor = plan, plan.divisor
 
-    def start(self, flat: torch.Tensor, shard: torch.Tensor, what: str) -> Pending:
-        out = torch.empty_like(shard, dtype=flat.dtype) if self.plan.reduce_needs_output else None
+    def start(self, flat: torch.Tensor, out: Optional[torch.Tensor], what: str) -> Pending:
+        """Start the reduction of ``flat``; ``out``: a shard-sized buffer the plan may write into."""
         return self.plan.reduce(flat, out, what)
 
     def collected(self, p: torch.Tensor) -> None:
@@ -117,7 +125,7 @@ class _AlreadyAveraged:
     def __init__(self, plan: CommPlan):
         self.plan = plan
 
-    def start(self, flat: torch.Tensor, shard: torch.Tensor, what: str) -> Pending:
+    def start(self, flat: torch.Tensor, out: Optional[torch.Tensor], what: str) -> Pending:
         return Pending([], self.plan.own_shard(flat))
 
     def collected(self, p: torch.Tensor) -> None:
@@ -283,8 +291,8 @@ class GradReducer(SyncSwitch):
             if record.shard_buffer is None:
                 record.shard_buffer = _CommBuffer(bucket.grad_shard, owner=record.index)
             return record.shard_buffer
-        while len(self._inflight) >= self._max_inflight:
-            self._complete_oldest()
+        while self._inflight and (len(self._inflight) >= self._max_inflight or self._inflight[0][1].done()):
+            self._complete_oldest()  # a finished reduction's buffer is reused, not a new one allocated
         pool = self._pool.setdefault(record.comm_dtype, [])
         need = bucket.layout.padded_numel
         fits = [cb for cb in pool if cb.tensor.numel() >= need]
@@ -340,12 +348,16 @@ class GradReducer(SyncSwitch):
         if record.in_place:
             bucket.grad_valid = True
             return
-        pending = self._averaging.start(flat, bucket.grad_shard, f"gradients of bucket {record.index}")
-        self._inflight.append((record, pending, cb))
+        lend = not (bucket.grad_valid or record.lent) and bucket.grad_shard.dtype == flat.dtype
+        record.lent |= lend  # the shard is empty until this reduction ends: the plan may write into it
+        out = bucket.grad_shard if lend else (
+            torch.empty_like(bucket.grad_shard, dtype=flat.dtype) if self._plan.reduce_needs_output else None)
+        self._inflight.append((record, self._averaging.start(flat, out, f"gradients of bucket {record.index}"), cb))
 
     def _complete_oldest(self) -> None:
         record, pending, cb = self._inflight.popleft()
         summed = pending.wait()
+        record.lent = False
         if self._plan.replicate is not None and self.reduces:  # hybrid: sum the shard across replicas
             self._plan.replicate.all_reduce(summed, f"gradient shard of bucket {record.index}").wait()
         bucket = record.bucket
@@ -388,9 +400,17 @@ class GradReducer(SyncSwitch):
         changed = flush or bool(self._inflight)
         while self._inflight:
             self._complete_oldest()
+        self._release_pool()
         self._reduced_since_finish = False
         self._watch.warn_read_none()
         return changed
+
+    def _release_pool(self) -> None:
+        """Drop the comm buffers once every reduction of the step is done (see [Note: comm pool])."""
+        if not self._records or self._records[0].bucket.buffer.device.type == "cpu":
+            return
+        self._pool.clear()
+        self._plan.release_buffers()
 
     def end_step(self) -> None:
         """After ``step()``: watch for zeroing again (see [Note: watching param.grad])."""
