@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -18,9 +17,9 @@ import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
-from .numerics.clip import OWNER_ATTR
+from .numerics.clip import set_owner
 from .comm.plans import CommCounter, choose_comm_plan
-from .core.flat_buffer import check_unmoved
+from .core.flat_buffer import adopt_moved, check_unmoved
 from .grads.grad_watch import READ_NONE_WARNING, GradWatch, watch
 from .kernels import select_kernel
 from .core.memory import MemoryReport, memory_report
@@ -147,9 +146,7 @@ class ShardedFusedAdam(torch.optim.Optimizer):
                            reduce=o.reduce_gradients, grad_watch=self._watch)
 
     def _own(self, params: list[torch.Tensor]) -> None:
-        ref = weakref.ref(self)
-        for p in params:
-            setattr(p, OWNER_ATTR, ref)
+        set_owner(params, self)
 
     @property
     def max_grad_norm(self) -> Optional[float]:
@@ -461,7 +458,9 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         Raises:
             ValueError: the dict does not fit this optimizer (nothing is changed then).
         """
-        apply_state_dict(self._view(), state_dict)
+        shards = self._view()
+        adopt_moved([b.buffer for b in self._buckets])  # the framework loaded the model first, maybe into copies
+        apply_state_dict(shards, state_dict)
         self._stats, self._version = {}, self._version + 1
 
     def shard_state(self) -> ShardState:

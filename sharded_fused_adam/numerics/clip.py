@@ -8,19 +8,31 @@ there; params that no ShardedFusedAdam owns (or one with ``grads="replicated"``,
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Union
 
 import torch
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "owner_of", "OWNER_ATTR"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "owner_of", "set_owner"]
 
-OWNER_ATTR = "_sharded_fused_adam_owner"  # a weakref to the optimizer, set on every bucketed param
+# [Note: param owners] Which optimizer holds a param, kept here and not as an attribute of
+# the param: an attribute would be pickled with it (``torch.save(model)`` cannot pickle a
+# weakref) and would outlive the optimizer. Keyed by ``id``; an entry dies with its param.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def set_owner(params: Iterable[torch.Tensor], owner: Any) -> None:
+    """Record ``owner`` (held weakly) as the optimizer whose buckets hold ``params``."""
+    owner_ref = weakref.ref(owner)
+    for p in params:
+        key = id(p)
+        _OWNERS[key] = (weakref.ref(p, lambda _, key=key: _OWNERS.pop(key, None)), owner_ref)
 
 
 def owner_of(p: torch.Tensor) -> Any:
     """The live ShardedFusedAdam whose buckets hold ``p``, or None."""
-    ref = getattr(p, OWNER_ATTR, None)
-    return ref() if ref is not None else None
+    entry = _OWNERS.get(id(p))
+    return entry[1]() if entry is not None and entry[0]() is p else None
 
 
 def _split(parameters: Union[torch.Tensor, Iterable[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
