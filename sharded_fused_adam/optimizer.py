@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
+from .checkpoint.dcp_compat import SteppedState
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
 from .numerics.clip import set_owner
 from .comm.plans import CommCounter, choose_comm_plan
@@ -133,6 +134,8 @@ class ShardedFusedAdam(torch.optim.Optimizer):
         self._param_gather = ParamGather(self._plan, [b.params for b in self._buckets],
                                          overlap=opts.overlap_param_gather)
         self._idle = self._find_idle()
+        self._state_dict_calls.serve(self, self._buckets)  # state_dict() on one rank alone
+        self.state = SteppedState(self._buckets)  # [Note: optimizer.state is truthy once stepped]
 
     def _make_gradient_strategy(self, buckets: list[Bucket]) -> Union[GradReducer, ReplicatedGrads]:
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
@@ -430,23 +433,23 @@ class ShardedFusedAdam(torch.optim.Optimizer):
     def state_dict(self, *, rank0_only: bool = False, offload_to_cpu: bool = True) -> dict[str, Any]:
         """The full state in ``torch.optim.Adam``'s layout (see checkpoint.py). A collective.
 
-        Every rank must call it, unless ``snapshot_state_dict()`` ran on every rank since the
-        last step: then any rank alone gets the snapshot without communicating.
+        On a gloo group any rank may call it alone (the others' threads serve their shards, see
+        served.py); else every rank must, unless ``snapshot_state_dict()`` ran on all since the last step.
 
         Args:
             rank0_only: return the dict on rank 0 only (``{}`` elsewhere).
             offload_to_cpu: put the state tensors on the CPU (else on the params' device).
 
         Raises:
-            CollectiveError: not every rank called it within ``state_dict_timeout`` seconds.
+            CollectiveError: a rank did not call it (or serve) within ``state_dict_timeout`` seconds.
         """
-        return self._state_dict_calls.gathered(self._version, rank0_only, lambda: gather_state_dict(
-            self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu))
+        return self._state_dict_calls.gathered(self._version, rank0_only, lambda fill: gather_state_dict(
+            self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu, fill=fill))
 
     def snapshot_state_dict(self) -> None:
         """Gather the state dict on every rank (a collective) and keep it until the next step or load."""
-        self._state_dict_calls.snapshot(self._version, lambda: gather_state_dict(
-            self._view(), rank0_only=False, offload_to_cpu=True))
+        self._state_dict_calls.snapshot(self._version, lambda fill: gather_state_dict(
+            self._view(), rank0_only=False, offload_to_cpu=True, fill=fill))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
