@@ -9,7 +9,7 @@ and every comparison is bitwise.
 """
 from __future__ import annotations
 
-import os
+import gc
 
 import torch
 import torch.distributed as dist
@@ -107,8 +107,6 @@ def _peer_gone(rank: int, world_size: int) -> str:
     dist.barrier()
     if rank == 1:
         del opt  # its server stops with it: a rank that will never answer
-        import gc
-
         gc.collect()
         dist.barrier()
         return ""

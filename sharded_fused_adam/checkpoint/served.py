@@ -174,7 +174,10 @@ class ShardServer:
                 start, end = layout.shard_range(peer)
                 piece = full.narrow(0, start, end - start)
                 work = dist.irecv(piece, src=self._global(peer), group=plan.group, tag=tag)
-                work.wait(timeout) if timeout is not None else work.wait()
+                if timeout is not None:  # collective_timeout; else the group's own
+                    work.wait(timeout)
+                else:
+                    work.wait()
         return fill
 
     # ---- the serving thread ----------------------------------------------------------------
