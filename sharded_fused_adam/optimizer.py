@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from .core.bucket import Bucket, pack_buckets
+from .checkpoint.dcp_compat import SteppedState
 from .checkpoint.gathered import StateDictCalls, apply_state_dict, gather_state_dict
 from .comm.plans import CommCounter, check_reduction_dtypes
 from .comm.topology import agree_at_startup, build_plan, check_no_dtensor, resolve_topology
-from .core.flat_buffer import check_unmoved
+from .core.flat_buffer import adopt_moved, check_unmoved
 from .grads.hooks import PRE_REDUCE_HINT
 from .kernels import select_kernel
 from .core.memory import MemoryReport, memory_report
@@ -139,6 +140,8 @@ class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
         self._param_gather = ParamGather(self._plan, [b.params for b in self._buckets],
                                          overlap=opts.overlap_param_gather)
         self._idle = self._find_idle()
+        self._state_dict_calls.serve(self, self._buckets)  # state_dict() on one rank alone
+        self.state = SteppedState(self._buckets)  # [Note: optimizer.state is truthy once stepped]
 
     def _make_gradient_strategy(self, buckets: list[Bucket]) -> Union[GradReducer, ReplicatedGrads]:
         """ZeRO-2 (``GradReducer``, with the watch of [Note: watching param.grad]) or ZeRO-1."""
@@ -417,23 +420,23 @@ class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
     def state_dict(self, *, rank0_only: bool = False, offload_to_cpu: bool = True) -> dict[str, Any]:
         """The full state in ``torch.optim.Adam``'s layout (see checkpoint.py). A collective.
 
-        Every rank must call it, unless ``snapshot_state_dict()`` ran on every rank since the
-        last step: then any rank alone gets the snapshot without communicating.
+        On a gloo group any rank may call it alone (the others' threads serve their shards, see
+        served.py); else every rank must, unless ``snapshot_state_dict()`` ran on all since the last step.
 
         Args:
             rank0_only: return the dict on rank 0 only (``{}`` elsewhere).
             offload_to_cpu: put the state tensors on the CPU (else on the params' device).
 
         Raises:
-            CollectiveError: not every rank called it within ``state_dict_timeout`` seconds.
+            CollectiveError: a rank did not call it (or serve) within ``state_dict_timeout`` seconds.
         """
-        return self._state_dict_calls.gathered(self._version, rank0_only, lambda: gather_state_dict(
-            self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu))
+        return self._state_dict_calls.gathered(self._version, rank0_only, lambda fill: gather_state_dict(
+            self._view(), rank0_only=rank0_only, offload_to_cpu=offload_to_cpu, fill=fill))
 
     def snapshot_state_dict(self) -> None:
         """Gather the state dict on every rank (a collective) and keep it until the next step or load."""
-        self._state_dict_calls.snapshot(self._version, lambda: gather_state_dict(
-            self._view(), rank0_only=False, offload_to_cpu=True))
+        self._state_dict_calls.snapshot(self._version, lambda fill: gather_state_dict(
+            self._view(), rank0_only=False, offload_to_cpu=True, fill=fill))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (from any world size) or of ``torch.optim.Adam/AdamW``.
@@ -445,7 +448,9 @@ class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
         Raises:
             ValueError: the dict does not fit this optimizer (nothing is changed then).
         """
-        apply_state_dict(self._view(), state_dict)
+        shards = self._view()
+        adopt_moved([b.buffer for b in self._buckets])  # the framework loaded the model first, maybe into copies
+        apply_state_dict(shards, state_dict)
         self._stats, self._version = {}, self._version + 1
 
     def shard_state(self) -> ShardState:

@@ -100,8 +100,17 @@ def training_args(out: Path, **overrides: Any) -> transformers.TrainingArguments
     return args
 
 
-def train(trainer_cls: type, args: transformers.TrainingArguments, resume: str | None = None) -> dict:
-    model = make_model()
+def make_lora_model() -> Any:
+    """The same GPT-2 with PEFT LoRA adapters on its attention (only they train)."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+    return peft.get_peft_model(make_model(), config)
+
+
+def train(trainer_cls: type, args: transformers.TrainingArguments, resume: str | None = None,
+          make: Any = None) -> dict:
+    model = (make or make_model)()
     trainer = trainer_cls(model=model, args=args, train_dataset=Tokens())
     trainer.train(resume_from_checkpoint=resume)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -223,7 +232,95 @@ def run_resume_other_world_size(rank: int, out: Path) -> dict:
             "global_step": trainer.state.global_step}
 
 
-SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed, "resume_other": run_resume_other_world_size}
+# ---- each framework's own save, then a new launch that resumes ----------------------------
+def accelerate_saving(kind: str, out: Path, resume: bool) -> dict[str, torch.Tensor]:
+    """An Accelerate loop with a plain ``ShardedFusedAdamW`` (or torch's fused AdamW) and nothing
+    else: ``save_state`` at step 10 (safetensors, the default); with ``resume``, a new launch that
+    ``load_state``s it and trains on to step 20."""
+    from accelerate import Accelerator
+
+    from sharded_fused_adam import ShardedFusedAdamW
+
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model = make_model()
+    cls = ShardedFusedAdamW if kind == "ours" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=3e-3, weight_decay=0.1, **({} if kind == "ours" else {"fused": True}))
+    loader = torch.utils.data.DataLoader(Tokens(), batch_size=2, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    state_dir = out / f"accelerate_{kind}" / "state"
+    if resume:
+        accelerator.load_state(str(state_dir))
+    for i, batch in zip(range(2 * STEPS), loader):
+        if resume and i < 2 * SAVE_AT:
+            continue  # the batches the saved run consumed
+        if i == 2 * SAVE_AT and not resume:
+            accelerator.save_state(str(state_dir))
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+    params = params_of(accelerator.unwrap_model(model))
+    accelerator.free_memory()
+    return params
+
+
+def stock_trainer_no_glue(cls: type) -> Any:
+    """The stock Trainer with ``optimizers=(cls(model.parameters(), ...), None)`` and nothing else."""
+    def build(model: Any, args: Any, train_dataset: Any) -> transformers.Trainer:
+        extra = {"fused": True} if cls is torch.optim.AdamW else {}
+        opt = cls(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, **extra)
+        return transformers.Trainer(model=model, args=args, train_dataset=train_dataset, optimizers=(opt, None))
+    return build
+
+
+def run_save_paths(rank: int, out: Path) -> dict:
+    """Launch 1: each path trains 20 steps and saves at step 10 by its framework's own means."""
+    import safetensors.torch as st
+
+    from sharded_fused_adam import ShardedFusedAdamW
+
+    res: dict[str, Any] = {}
+    ours, ref = accelerate_saving("ours", out, False), accelerate_saving("torch", out, False)
+    saved = st.load_file(str(out / "accelerate_ours" / "state" / "model.safetensors"))
+    res["accelerate"] = {"param_diff": max_diff(ours, ref), "saved_keys": len(saved), "num_params": len(ours)}
+    torch.save(ours, out / f"accelerate_final_rank{rank}.pt")
+    stock = train(stock_trainer_no_glue(ShardedFusedAdamW), training_args(out / "stock_noglue"))
+    stock_ref = train(stock_trainer_no_glue(torch.optim.AdamW), training_args(out / "stock_noglue_ref"))
+    res["stock_trainer"] = compare(stock, stock_ref)
+    torch.save(stock["params"], out / f"stock_final_rank{rank}.pt")
+    checkpoint = out / "stock_noglue" / f"checkpoint-{SAVE_AT}"
+    res["stock_trainer"]["files"] = sorted(f.name for f in checkpoint.iterdir())
+    lora = train(stock_trainer_no_glue(ShardedFusedAdamW), training_args(out / "lora"), make=make_lora_model)
+    lora_ref = train(stock_trainer_no_glue(torch.optim.AdamW), training_args(out / "lora_ref"), make=make_lora_model)
+    res["lora"] = compare(lora, lora_ref)
+    saved_state = torch.load(out / "lora" / f"checkpoint-{SAVE_AT}" / "optimizer.pt", weights_only=True)["state"]
+    res["lora"]["num_params_with_state"] = len(saved_state)
+    torch.save(lora["params"], out / f"lora_final_rank{rank}.pt")
+    return res
+
+
+def run_resume_paths(rank: int, out: Path) -> dict:
+    """Launch 2: resume each path from launch 1's checkpoint; it must end where launch 1 ended."""
+    from sharded_fused_adam import ShardedFusedAdamW
+
+    final = torch.load(out / f"accelerate_final_rank{rank}.pt", weights_only=True)
+    resumed = accelerate_saving("ours", out, True)
+    res: dict[str, Any] = {"accelerate": {"resume_bitwise": bitwise(resumed, final)}}
+    final = torch.load(out / f"stock_final_rank{rank}.pt", weights_only=True)
+    stock = train(stock_trainer_no_glue(ShardedFusedAdamW), training_args(out / "stock_noglue"),
+                  resume=str(out / "stock_noglue" / f"checkpoint-{SAVE_AT}"))
+    res["stock_trainer"] = {"resume_bitwise": bitwise(stock["params"], final)}
+    final = torch.load(out / f"lora_final_rank{rank}.pt", weights_only=True)
+    lora = train(stock_trainer_no_glue(ShardedFusedAdamW), training_args(out / "lora"),
+                 resume=str(out / "lora" / f"checkpoint-{SAVE_AT}"), make=make_lora_model)
+    res["lora"] = {"resume_bitwise": bitwise(lora["params"], final)}
+    return res
+
+
+SCENARIOS = {"plain": run_plain, "deepspeed": run_deepspeed, "resume_other": run_resume_other_world_size,
+             "save_paths": run_save_paths, "resume_paths": run_resume_paths}
 
 
 def main() -> None:

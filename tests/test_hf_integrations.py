@@ -16,13 +16,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sharded_fused_adam import ShardedFusedAdam
 from test_deepspeed import _torchrun  # the same clean environment and launcher
 
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None
-                                    for m in ("transformers", "accelerate", "deepspeed")),
-                                reason="transformers/accelerate/deepspeed not installed (pip install -e '.[hf,deepspeed]')")
+                                    for m in ("transformers", "accelerate", "peft", "deepspeed")),
+                                reason="transformers/accelerate/peft/deepspeed not installed "
+                                       "(pip install -e '.[hf,deepspeed]')")
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "hf_worker.py"
@@ -102,6 +104,63 @@ def test_stock_trainer_with_our_optimizer_and_callback(plain):
     for r in plain:
         _check_pair(r["stock_trainer"])
         assert r["stock_trainer"]["saved"]  # the rank-0 save did not deadlock
+
+
+@pytest.fixture(scope="module")
+def saved_then_resumed(tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    """Launch 1 saves by each framework's own means; launch 2, a new torchrun job, resumes."""
+    out = tmp_path_factory.mktemp("hf_resume")
+    return _job("save_paths", out), _job("resume_paths", out)
+
+
+def test_accelerate_save_state_writes_the_model_and_load_state_resumes_bitwise(saved_then_resumed):
+    """No glue: a plain ShardedFusedAdamW, accelerator.save_state (safetensors) at step 10, then
+    load_state in a new launch on CPU (prepare's cpu:0 copies included)."""
+    for saved, resumed in zip(*saved_then_resumed):
+        res = saved["accelerate"]
+        assert res["param_diff"] == 0.0, res  # bitwise equal to torch.optim.AdamW(fused=True)
+        # every param saved (GPT-2's lm_head is tied to wte: one tensor, as for torch's optimizer)
+        assert res["saved_keys"] == res["num_params"], res
+        assert resumed["accelerate"]["resume_bitwise"], resumed
+
+
+def test_stock_trainer_with_our_optimizer_saves_and_resumes_with_no_callback(saved_then_resumed):
+    """``optimizers=(ShardedFusedAdamW(model.parameters()), None)`` and nothing else: the Trainer's
+    rank-0 ``optimizer.state_dict()`` is served (see served.py); resume_from_checkpoint in a new
+    launch ends bitwise where the uninterrupted run ended."""
+    for saved, resumed in zip(*saved_then_resumed):
+        res = saved["stock_trainer"]
+        _check_pair(res)
+        assert res["param_diff"] == 0.0 and "optimizer.pt" in res["files"] and "trainer_state.json" in res["files"]
+        assert resumed["stock_trainer"]["resume_bitwise"], resumed
+
+
+def test_peft_lora_with_the_stock_trainer_saves_and_resumes(saved_then_resumed):
+    """PEFT LoRA on GPT-2 (only the adapters train), the stock Trainer and our optimizer over
+    ``model.parameters()``: frozen params cost nothing and have no state; resume is bitwise."""
+    for saved, resumed in zip(*saved_then_resumed):
+        res = saved["lora"]
+        _check_pair(res)
+        assert res["param_diff"] == 0.0 and res["num_params_with_state"] == 4, res  # 2 layers x (A, B)
+        assert resumed["lora"]["resume_bitwise"], resumed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning not installed")
+def test_lightning_ddp_saves_and_resumes_bitwise(tmp_path):
+    """``configure_optimizers`` returns ``ShardedFusedAdamW(self.parameters())``, nothing else:
+    Lightning's DDP, ``gradient_clip_val``, its epoch-end checkpoint, and ``fit(ckpt_path=...)``
+    in a new launch, against the same module with ``torch.optim.AdamW(fused=True)``."""
+    worker = str(REPO / "tests" / "lightning_worker.py")
+    for phase in ("fit", "resume"):
+        output = _torchrun(2, worker, phase, "--out", str(tmp_path))
+        missing = [r for r in range(2) if not (tmp_path / f"{phase}_rank{r}.pt").exists()]
+        assert not missing, f"no result from ranks {missing}:\n{output[-8000:]}"
+    for r in range(2):
+        fit = torch.load(tmp_path / f"fit_rank{r}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True)["ours"]
+        for name, value in fit["torch"].items():
+            assert torch.equal(fit["ours"][name], value), name
+            assert torch.equal(resumed[name], value), name
 
 
 def test_trainer_deepspeed_stage0_register_alone(with_deepspeed):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import batch, loss_fn, make_net
-from sharded_fused_adam import CollectiveError, ShardedFusedAdamW, clip_grad_norm_, clip_grad_value_
+from sharded_fused_adam import ShardedFusedAdamW, clip_grad_norm_, clip_grad_value_
 
 TOL = 2e-6
 KW = dict(lr=1e-2, weight_decay=0.1)
@@ -300,28 +300,23 @@ def test_ranks_that_build_different_models_all_raise(ranks, case):
 
 def _rank0_state_dict(rank: int, world_size: int) -> dict:
     model = make_net()
-    opt = ShardedFusedAdamW(model.parameters(), state_dict_timeout=3, collective_timeout=30)
+    opt = ShardedFusedAdamW(model.parameters(), state_dict_timeout=20, collective_timeout=30)
     _backward(model, 0, rank)
     opt.step()
     out = {}
-    if rank == 0:  # the Trainer's save: only the saving rank asks
-        try:
-            opt.state_dict()
-        except CollectiveError as exc:
-            out["error"] = str(exc)
+    if rank == 0:  # the Trainer's save: only the saving rank asks (served: tests/test_rank0_state_dict.py)
+        out["alone"] = sorted(opt.state_dict()["state"])
     dist.barrier()
-    opt.snapshot_state_dict()  # every rank; afterwards one rank alone may ask
+    opt.snapshot_state_dict()  # every rank; afterwards one rank alone gets it without asking
     if rank == 0:
         out["keys"] = sorted(opt.state_dict()["state"])
-    full = opt.state_dict()  # the every-rank pattern still works after a failed one-rank call
-    out["same"] = rank != 0 or sorted(full["state"]) == out["keys"]
+    full = opt.state_dict()  # the every-rank pattern still works
+    out["same"] = rank != 0 or sorted(full["state"]) == out["keys"] == out["alone"]
     return out
 
 
-def test_state_dict_on_one_rank_fails_fast_and_names_the_fix(ranks):
+def test_state_dict_on_one_rank_alone(ranks):
     results = ranks(_rank0_state_dict, 3, timeout_s=90)
-    error = results[0]["error"]
-    assert "rank(s) [1, 2] did not call it" in error and "snapshot_state_dict" in error
     assert results[0]["keys"] and all(r["same"] for r in results)
 
 

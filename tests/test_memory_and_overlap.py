@@ -65,9 +65,20 @@ def _live_storages() -> dict[int, torch.UntypedStorage]:
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type == "cpu":
             storage = obj.untyped_storage()
-            if storage.nbytes():
-                found.setdefault(storage.data_ptr(), storage)
+            held = found.get(storage.data_ptr())
+            if storage.nbytes() and (held is None or held.nbytes() < storage.nbytes()):
+                found[storage.data_ptr()] = storage
     return found
+
+
+def _bytes_beyond(live: dict[int, torch.UntypedStorage], baseline: dict[int, torch.UntypedStorage]) -> int:
+    """Bytes of the storages in ``live`` but not ``baseline``, memory shared by several counted once
+    (each param's storage aliases its bucket's flat buffer: [Note: one storage per param])."""
+    total, end = 0, 0
+    for start, stop in sorted((ptr, ptr + s.nbytes()) for ptr, s in live.items() if ptr not in baseline):
+        if stop > end:
+            total, end = total + stop - max(start, end), stop
+    return total
 
 
 def _allocation_rank(rank: int, world_size: int, dtype: torch.dtype) -> dict:
@@ -85,7 +96,7 @@ def _allocation_rank(rank: int, world_size: int, dtype: torch.dtype) -> dict:
         opt.zero_grad()
     del x
     live = _live_storages()
-    measured = sum(s.nbytes() for ptr, s in live.items() if ptr not in baseline)
+    measured = _bytes_beyond(live, baseline)
     masters = 0 if dtype == torch.float32 else 4 * psi // world_size
     state = item * psi + 4 * psi // world_size + masters + 8 * psi // world_size  # ZeRO-2, no padding
     report = opt.memory_report()

@@ -82,19 +82,28 @@ class StateDictCalls:
         self._plan, self._timeout_s = plan, timeout_s
         self._calls = 0
         self._snapshot: Optional[tuple[int, dict]] = None
+        self._server: Any = None
 
-    def gathered(self, version: int, rank0_only: bool, gather: Callable[[], dict]) -> dict:
+    def serve(self, owner: Any, buckets: list[Bucket]) -> None:
+        """Let one rank alone build the state dict (gloo groups; see [Note: served state dicts])."""
+        from .served import served_or_none  # the server thread's module, only where it runs
+
+        self._server = served_or_none(owner, self._plan, buckets, self._timeout_s)
+
+    def gathered(self, version: int, rank0_only: bool, gather: Callable[[Optional[Fill]], dict]) -> dict:
         if self._snapshot is not None and self._snapshot[0] == version:
             return {} if rank0_only and self._plan.rank != 0 else self._snapshot[1]
+        if self._server is not None:
+            return self._server.state_dict(version, rank0_only, gather)
         self._calls += 1
         try:
             require_every_rank("state_dict()", self._plan, self._calls, self._timeout_s)
         except CollectiveError:
             self._calls -= 1
             raise
-        return gather()
+        return gather(None)
 
-    def snapshot(self, version: int, gather: Callable[[], dict]) -> None:
+    def snapshot(self, version: int, gather: Callable[[Optional[Fill]], dict]) -> None:
         self._snapshot = None
         self._snapshot = (version, self.gathered(version, False, gather))
 
@@ -112,12 +121,17 @@ def saved_groups(shards: ShardState) -> list[dict]:
     return groups
 
 
+Fill = Callable[[int, str, torch.Tensor], None]  # (bucket index, state key, padded full tensor)
+
+
 @torch.no_grad()
-def gather_state_dict(shards: ShardState, *, rank0_only: bool, offload_to_cpu: bool) -> dict:
+def gather_state_dict(shards: ShardState, *, rank0_only: bool, offload_to_cpu: bool,
+                      fill: Optional[Fill] = None) -> dict:
     """Assemble the full state dict from every rank's shards (see [Note: state dict layout]).
 
-    A collective. Buckets are gathered one state tensor at a time, so the memory needed
-    beyond the returned dict is one bucket's worth of one tensor.
+    A collective, unless ``fill`` brings the other ranks' shards into each full tensor (see
+    [Note: served state dicts] in served.py). Buckets are gathered one state tensor at a
+    time, so the memory needed beyond the returned dict is one bucket's worth of one tensor.
     """
     keep = not rank0_only or shards.rank == 0
     state: dict[int, dict[str, Any]] = {}
@@ -132,7 +146,10 @@ def gather_state_dict(shards: ShardState, *, rank0_only: bool, offload_to_cpu: b
             full = torch.zeros(bucket.layout.padded_numel, dtype=shard.dtype, device=shard.device)
             start, end = bucket.layout.shard_range(shards.rank)
             full.narrow(0, start, end - start).copy_(shard)
-            shards.plan.gather(full, f"{key} of bucket {b} for state_dict()").wait()
+            if fill is None:
+                shards.plan.gather(full, f"{key} of bucket {b} for state_dict()").wait()
+            else:
+                fill(b, key, full)
             if not keep:
                 continue
             for slot, s in stepped:

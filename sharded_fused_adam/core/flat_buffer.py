@@ -13,20 +13,68 @@ One move is harmless and is undone instead: ``.to(device)`` with a device that n
 same memory in other words (``model.to("cpu:0")`` of a CPU model, which Accelerate and the
 Trainer do on CPU machines) copies every param unchanged. A param that still has its slot's
 device, dtype, shape and exact values is pointed back at its slot (``readopt_unchanged``).
+A checkpoint load is the other: ``optimizer.load_state_dict`` runs after the framework loaded
+the model (Accelerate's ``load_state``, the Trainer's ``resume_from_checkpoint``), into those
+copies or into new tensors, so there a moved param of the slot's device, dtype and shape is
+taken as the model's new value: copied into its slot and pointed back (``adopt_moved``).
+
+[Note: one storage per param]
+A param is not a ``narrow`` view of the flat buffer (that would make every param of a bucket
+share the flat buffer's storage) but a tensor with a storage of its own that aliases the same
+memory (``alias_slot``: ``torch.from_dlpack`` of the view, whose deleter keeps the flat buffer
+alive for as long as any param uses it). Save paths that find tied weights by storage
+(Accelerate's ``save_model``/``save_state`` drop all but one of a "shared" group,
+``safetensors.torch.save_model`` refuses it) then see each param as the sole owner of exactly
+its bytes, as in a model that never met the optimizer: every save path writes every param,
+``torch.save(model)`` and deep copies hold one storage per param, not the whole bucket.
+Cost: nothing per step and no extra memory (the same bytes, one storage object per param).
+What it gives up: a view's autograd version counter is its base's, so an in-place write into
+the flat buffer bumped every param's; an aliasing storage has its own counter, so a forward
+whose saved params are overwritten by a step before its backward is no longer flagged by
+autograd (torch's optimizers write params in place and would be; no training loop here steps
+between a forward and its backward). A device whose tensors cannot be exported through DLPack
+keeps plain views, with one warning naming what that loses.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 
 from .layout import BucketLayout
 
-__all__ = ["FlatParamBuffer", "ParamMovedError", "check_unmoved"]
+__all__ = ["FlatParamBuffer", "ParamMovedError", "adopt_moved", "alias_slot", "check_unmoved"]
 
 
 class ParamMovedError(RuntimeError):
     """A param no longer lives in its flat buffer (see [Note: params are views])."""
+
+
+_DLPACK_WARNED: set[str] = set()
+
+
+def alias_slot(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``view``'s memory with a storage of its own (see [Note: one storage per param]).
+
+    Falls back to ``view`` itself, with one warning per device type, where DLPack cannot
+    export the device's tensors.
+    """
+    if view.numel() == 0:
+        return view  # owns no memory: nothing to deduplicate
+    try:
+        alias = torch.from_dlpack(view)
+    except (RuntimeError, BufferError, TypeError) as exc:
+        if view.device.type not in _DLPACK_WARNED:
+            _DLPACK_WARNED.add(view.device.type)
+            warnings.warn(f"ShardedFusedAdam: {view.device.type} tensors cannot be exported through DLPack "
+                          f"({exc}); params stay views into one flat buffer per bucket, so save paths that "
+                          "deduplicate by storage (accelerator.save_model, safetensors.torch.save_model) keep "
+                          "one param per bucket. Save with model.save_pretrained or torch.save(model.state_dict())",
+                          stacklevel=3)
+        return view
+    assert alias.data_ptr() == view.data_ptr() and alias.shape == view.shape
+    return alias
 
 
 class FlatParamBuffer:
@@ -51,7 +99,7 @@ class FlatParamBuffer:
             for slot, p in zip(layout.slots, self.params):
                 view = self.flat.narrow(0, slot.offset, slot.numel)
                 view.copy_(p.detach().reshape(-1))
-                p.data = view.view(p.shape)
+                p.data = alias_slot(view.view(p.shape))
         self._expected = [(p.data_ptr(), p.shape, p.stride()) for p in self.params]
 
     def shard(self, rank: int) -> torch.Tensor:
@@ -75,7 +123,22 @@ class FlatParamBuffer:
             view = self.flat.narrow(0, slot.offset, slot.numel).view(self._expected[pos][1])
             if (p.device == self.device and p.dtype == self.dtype and p.shape == view.shape
                     and p.stride() == view.stride() and torch.equal(p.data, view)):
-                p.data = view
+                p.data = alias_slot(view)
+            else:
+                still_moved.append(pos)
+        return still_moved
+
+    @torch.no_grad()
+    def adopt(self, positions: Sequence[int]) -> list[int]:
+        """Copy moved params of the slot's device, dtype and shape into their slots and point
+        them back at them (their values win, see [Note: params are views]); return the others."""
+        still_moved = []
+        for pos in positions:
+            p, slot = self.params[pos], self.layout.slots[pos]
+            view = self.flat.narrow(0, slot.offset, slot.numel).view(self._expected[pos][1])
+            if p.device == self.device and p.dtype == self.dtype and p.shape == view.shape:
+                view.copy_(p.data)
+                p.data = alias_slot(view)
             else:
                 still_moved.append(pos)
         return still_moved
@@ -112,3 +175,10 @@ def check_unmoved(buffers: Sequence[FlatParamBuffer]) -> None:
     if moved:
         buf, pos = moved[0]
         raise ParamMovedError(buf.diagnose(pos, len(moved) - 1))
+
+
+def adopt_moved(buffers: Sequence[FlatParamBuffer]) -> None:
+    """Before a checkpoint load: take the values of moved params that still fit their slots
+    (see [Note: params are views]); other moves are left for ``check_unmoved`` to name."""
+    for buf in buffers:
+        buf.adopt(buf.moved())

@@ -1,7 +1,7 @@
 """Accelerate loops with ``ShardedFusedAdam``: an optimizer built for what ``accelerator.prepare`` does.
 
 The only module of the package that imports ``accelerate`` (lazily). What ``prepare`` does,
-read in accelerate 1.15 (``Accelerator.prepare_model`` / ``prepare_optimizer``):
+read in accelerate 1.16 (``Accelerator.prepare_model`` / ``prepare_optimizer``):
 
 * the model is moved to ``accelerator.device``, which is ``cpu:0`` on CPU machines (a copy of
   every param: the optimizer points them back at its buffers, see [Note: params are views]
@@ -60,7 +60,7 @@ def make_optimizer(accelerator: Any, params: Iterable[Any], *, adamw: bool = Tru
 def repair_cpu_deepspeed_state() -> bool:
     """Give Accelerate's process state the real world size under DeepSpeed on a CPU machine.
 
-    Accelerate 1.15 picks no backend on a machine without accelerators unless told ``cpu=True``
+    Accelerate 1.16 picks no backend on a machine without accelerators unless told ``cpu=True``
     (``PartialState._prepare_backend``), and under DeepSpeed (which ``cpu=True`` switches off)
     it then records one process although DeepSpeed's ``init_distributed`` created a group of
     all of them: every rank trains on the whole data set and DeepSpeed's batch-size check

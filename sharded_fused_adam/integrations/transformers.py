@@ -1,7 +1,7 @@
 """``transformers.Trainer`` with ``ShardedFusedAdam``: a Trainer that needs no glue, and a callback.
 
 The only module of the package that imports ``transformers`` (at import time: import this
-module only where the Trainer is used). What the stock Trainer (read in transformers 5.24)
+module only where the Trainer is used). What the stock Trainer (read in transformers 5.25)
 does that a sharded optimizer has to answer:
 
 * it builds the optimizer in ``create_optimizer`` (after the process group and the device
@@ -11,14 +11,16 @@ does that a sharded optimizer has to answer:
 * it clips with ``accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)`` and logs
   the norm that returns (``Trainer._clip_grad_norm`` / ``_get_grad_norm``): with the
   gradients inside the optimizer that norm must come from the optimizer;
-* it saves ``optimizer.state_dict()`` on the saving rank only (``_save_optimizer_and_scheduler``),
-  but ours is a collective; every rank loads the file on resume (ours loads at any world size);
+* it saves ``optimizer.state_dict()`` on the saving rank only (``_save_optimizer_and_scheduler``):
+  on gloo the other ranks serve their shards (checkpoint/served.py), on NCCL/HCCL it must be
+  gathered on every rank first; every rank loads the file on resume (at any world size);
 * with a DeepSpeed config the engine builds the optimizer from the config (see
   ``integrations/deepspeed.py``; ``register`` is all it needs).
 
-:class:`Trainer` answers all of these. :class:`ShardedFusedAdamCallback` is for a Trainer you
-keep yourself (e.g. your own subclass) with ``optimizers=(ShardedFusedAdamW(...), None)``: it
-gathers the state on every rank before each save (``snapshot_state_dict``).
+:class:`Trainer` answers all of these. A Trainer you keep yourself with
+``optimizers=(ShardedFusedAdamW(...), None)`` needs nothing on gloo; on NCCL/HCCL add
+:class:`ShardedFusedAdamCallback`, which gathers the state on every rank before each save
+(``snapshot_state_dict``).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ model-parallel rank by its own part of the norm, while the optimizer's norm span
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Union
 
 import weakref
