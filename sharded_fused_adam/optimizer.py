@@ -221,7 +221,8 @@ class ShardedFusedAdam(torch.optim.Optimizer, JoinableOptimizer):
         return pack_buckets(group["params"], members, self._param_names(group_index), group_index=group_index,
                             first_index=first, world_size=self.world_size, rank=self.rank,
                             bucket_cap_mb=self._options.bucket_cap_mb, master_weights=self._options.master_weights,
-                            state_dtype=self._options.state_dtype, offload=self._options.offload)
+                            state_dtype=self._options.state_dtype, offload=self._options.offload,
+                            reads_in_place=self._kernel.reads_in_place)
 
     def _adopt_unfrozen(self) -> None:
         """Give params that became trainable since construction buckets of their own (a collective)."""

@@ -5,6 +5,7 @@ import torch
 
 from sharded_fused_adam.core.compact_state import CHUNK_NUMEL
 from sharded_fused_adam.core.storage import Offloaded, ParamMaster, SplitStored, StateStorage, Stored
+from sharded_fused_adam.kernels import select_kernel
 from sharded_fused_adam.kernels.rule import ADAM
 
 
@@ -43,3 +44,13 @@ def test_a_split_master_loads_and_rebuilds_fp32_bit_for_bit():
     fp32 = torch.randn(40)
     storage.master.load(fp32)
     assert torch.equal(storage.master.full(), fp32)
+
+
+def test_the_kernel_not_the_storage_declares_what_it_updates_in_place():
+    shard = torch.randn(40).to(torch.bfloat16)
+    options = dict(master_weights="fp32", state_dtype=torch.bfloat16, offload=None, chunk_numel=CHUNK_NUMEL)
+    assert not select_kernel(None, torch.device("cpu")).reads_in_place(torch.float32, torch.bfloat16)
+    staged = StateStorage(shard, **options)
+    assert staged.is_staged and not any(m.in_place for m in staged.moments.values())
+    native = StateStorage(shard, **options, reads_in_place=lambda compute, stored: stored in (compute, torch.bfloat16))
+    assert all(m.in_place for m in native.moments.values()) and not native.is_staged

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..kernels import same_dtype
 from ..kernels.rule import ADAM, MASTER_KEY
 from .compact_state import CHUNK_NUMEL, resolve_master_weights
 from .flat_buffer import FlatParamBuffer
@@ -77,12 +78,14 @@ class Bucket:
             fp64 params); the update always runs in fp32 (see [Note: staged update]).
         offload: None or ``"host"`` (see [Note: host offload] in storage.py).
         scratch: the staging scratch to share with other buckets (None: one of its own).
+        reads_in_place: the kernel's ``reads_in_place`` (see kernels/__init__.py).
     """
 
     def __init__(self, layout: BucketLayout, params: Sequence[torch.Tensor], names: Sequence[str],
                  group_index: int, rank: int, *, master_weights: str = "fp32",
                  state_dtype: Optional[torch.dtype] = None, offload: Optional[str] = None,
-                 scratch: Optional[Scratch] = None):
+                 scratch: Optional[Scratch] = None,
+                 reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype):
         self.layout = layout
         self.group_index = group_index
         self.rank = rank
@@ -95,7 +98,7 @@ class Bucket:
         assert master_weights == "fp32" or self.buffer.dtype == torch.bfloat16, (master_weights, self.buffer.dtype)
         self.storage = StateStorage(param_shard, master_weights=master_weights, state_dtype=state_dtype,
                                     offload=offload, chunk_numel=OFFLOAD_CHUNK_NUMEL if offload else CHUNK_NUMEL,
-                                    scratch=scratch)
+                                    scratch=scratch, reads_in_place=reads_in_place)
         self.compute_dtype = self.storage.compute_dtype
         self.state_dtype = self.storage.state_dtype
         self.chunk_numel = self.storage.chunk_numel
@@ -313,7 +316,8 @@ class Bucket:
 def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: Sequence[str], *,
                  group_index: int, first_index: int, world_size: int, rank: int,
                  bucket_cap_mb: float, master_weights: str = "auto",
-                 state_dtype: Optional[torch.dtype] = None, offload: Optional[str] = None) -> list[Bucket]:
+                 state_dtype: Optional[torch.dtype] = None, offload: Optional[str] = None,
+                 reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype) -> list[Bucket]:
     """Buckets for ``params[i] for i in members`` of one group: per dtype, in reverse order
     (the order backward produces gradients), at most ``bucket_cap_mb`` each. Offloaded buckets
     of one compute dtype share one staging scratch (see [Note: host offload] in storage.py)."""
@@ -331,5 +335,6 @@ def pack_buckets(params: Sequence[torch.Tensor], members: Sequence[int], names: 
             local = [s.index - first_index for s in layout.slots]
             scratch = shared.setdefault(compute, Scratch(compute, params[local[0]].device)) if offload else None
             buckets.append(Bucket(layout, [params[i] for i in local], [names[i] for i in local], group_index, rank,
-                                  master_weights=master, state_dtype=state_dtype, offload=offload, scratch=scratch))
+                                  master_weights=master, state_dtype=state_dtype, offload=offload, scratch=scratch,
+                                  reads_in_place=reads_in_place))
     return buckets

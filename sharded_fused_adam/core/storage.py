@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..kernels import same_dtype
 from ..kernels.rule import ADAM
 from .compact_state import SplitMaster
 
@@ -64,15 +65,17 @@ class Stored:
         tensor: the stored values (any dtype; its device decides whether it is staged).
         compute_dtype: the dtype the kernel runs in.
         device: the compute device.
+        reads_in_place: whether the kernel updates ``tensor``'s dtype in place (else: staged).
     """
 
     counted = True  # its bytes are optimizer state (ParamMaster's are the model's own)
     checkpointed = True
     num_down_ties = 0  # see SplitStored
 
-    def __init__(self, tensor: torch.Tensor, compute_dtype: torch.dtype, device: torch.device):
+    def __init__(self, tensor: torch.Tensor, compute_dtype: torch.dtype, device: torch.device,
+                 reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype):
         self.tensor = tensor
-        self.in_place = tensor.dtype == compute_dtype and tensor.device == device
+        self.in_place = tensor.device == device and reads_in_place(compute_dtype, tensor.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +127,8 @@ class ParamMaster(Stored):
 class Offloaded(Stored):
     """A ``Stored`` whose tensor lives in host memory and is always staged (see [Note: host offload])."""
 
-    def __init__(self, tensor: torch.Tensor, compute_dtype: torch.dtype, device: torch.device):
+    def __init__(self, tensor: torch.Tensor, compute_dtype: torch.dtype, device: torch.device,
+                 reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype):
         super().__init__(tensor, compute_dtype, device)
         self.in_place = False
         self._accelerator = device.type != "cpu"
@@ -216,10 +220,12 @@ class StateStorage:
         offload: None or ``"host"`` (see [Note: host offload]).
         chunk_numel: elements per staged chunk.
         scratch: the scratch to stage in (None: a new one of this shard's own).
+        reads_in_place: the kernel's declaration of the stored dtypes it updates in place.
     """
 
     def __init__(self, param_shard: torch.Tensor, *, master_weights: str, state_dtype: Optional[torch.dtype],
-                 offload: Optional[str], chunk_numel: int, scratch: Optional[Scratch] = None):
+                 offload: Optional[str], chunk_numel: int, scratch: Optional[Scratch] = None,
+                 reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype):
         low_precision = param_shard.dtype in (torch.float16, torch.bfloat16)
         self.compute_dtype = torch.float32 if low_precision else param_shard.dtype
         self.device = param_shard.device
@@ -227,6 +233,7 @@ class StateStorage:
         self.chunk_numel = chunk_numel
         self.state_dtype = state_dtype or self.compute_dtype
         self._holder = Offloaded if offload == "host" else Stored
+        self._reads_in_place = reads_in_place  # the kernel's declaration (kernels/__init__.py)
         self.scratch = scratch or Scratch(self.compute_dtype, self.device)
         if master_weights == "split":
             self.master = SplitStored(param_shard, chunk_numel)
@@ -242,7 +249,7 @@ class StateStorage:
         offloaded = self._holder is Offloaded
         tensor = torch.zeros(self.numel, dtype=dtype, device="cpu" if offloaded else self.device,
                              pin_memory=offloaded and self.device.type != "cpu")
-        return self._holder(tensor, self.compute_dtype, self.device)
+        return self._holder(tensor, self.compute_dtype, self.device, self._reads_in_place)
 
     def add_amsgrad(self) -> None:
         for key in ADAM.keys_for({"amsgrad": True}):

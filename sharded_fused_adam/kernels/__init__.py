@@ -4,7 +4,11 @@ Every kernel module exposes ``adam_step(params, grads, exp_avgs, exp_avg_sqs, ma
 steps, *, lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, maximize)`` working in place
 on contiguous 1-D fp32/fp64 tensors (steps already incremented; ``maximize`` ascends the
 gradient as torch.optim.Adam's does; the grads are never written), and
-``unavailable_reason(device) -> str | None``.
+``unavailable_reason(device) -> str | None``. A kernel also declares which stored state it
+updates in place (``reads_in_place(compute_dtype, stored_dtype) -> bool``; default: state
+stored in the compute dtype only): the storage stages everything else through compute-dtype
+scratch (see [Note: state storage] in core/storage.py), so the kernel, not the storage,
+decides what it reads natively. Every kernel here reads only its compute dtype.
 """
 from __future__ import annotations
 
@@ -16,7 +20,12 @@ import torch
 
 from . import npu, reference, torch_fused
 
-__all__ = ["AdamKernel", "KERNEL_NAMES", "select_kernel"]
+__all__ = ["AdamKernel", "KERNEL_NAMES", "same_dtype", "select_kernel"]
+
+
+def same_dtype(compute_dtype: torch.dtype, stored_dtype: torch.dtype) -> bool:
+    """The default ``reads_in_place``: state stored in the compute dtype only."""
+    return compute_dtype == stored_dtype
 
 
 @dataclass(frozen=True)
@@ -26,10 +35,12 @@ class AdamKernel:
     name: str
     adam_step: Callable[..., None]
     unavailable_reason: Callable[[torch.device], Optional[str]]
+    reads_in_place: Callable[[torch.dtype, torch.dtype], bool] = same_dtype
 
 
 _KERNELS = {
-    m.__name__.rsplit(".", 1)[-1]: AdamKernel(m.__name__.rsplit(".", 1)[-1], m.adam_step, m.unavailable_reason)
+    m.__name__.rsplit(".", 1)[-1]: AdamKernel(m.__name__.rsplit(".", 1)[-1], m.adam_step, m.unavailable_reason,
+                                              getattr(m, "reads_in_place", same_dtype))
     for m in (reference, torch_fused, npu)
 }
 KERNEL_NAMES = tuple(_KERNELS)
