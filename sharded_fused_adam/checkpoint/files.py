@@ -156,6 +156,7 @@ class ChecksumFile:
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a directory (or a file) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -117,19 +117,11 @@ def temporary_name(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}{os.getpid()}.{threading.get_ident()}")
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder``, then every folder, deepest first."""
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            _fsync_file(Path(root) / name)
+            fsync_dir(Path(root) / name)
         fsync_dir(Path(root))
 
 
@@ -145,7 +137,7 @@ def staged_file(path: Path, *, needed: int = 0) -> Iterator[Path]:
     tmp = temporary_name(path)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:
