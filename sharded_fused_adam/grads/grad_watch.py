@@ -183,7 +183,7 @@ class GradWatch:
 
     def _unscale_of_owner(self, caller: Any) -> bool:
         # GradScaler.unscale_(owner): the owner unscales inside step() (see [Note: watching param.grad]).
-        # Matched by name and instance, not code object, so subclasses that override it (torch_npu's) count.
+        # Matched by name and instance, not by code object, so a subclass that overrides it counts too.
         owner = self.owner
         return (owner is not None and caller.f_code.co_name == "_unscale_grads_"
                 and isinstance(caller.f_locals.get("self"), torch.amp.GradScaler)
