@@ -11,13 +11,14 @@ import gc
 import io
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from sharded_fused_adam import ShardedFusedAdamW, clip_grad_norm_
-from sharded_fused_adam.grads.grad_watch import GradPhase, GradWatch, raw_grad, watch_of
+from sharded_fused_adam.grads.grad_watch import READ_NONE_WARNING, GradPhase, GradWatch, raw_grad, watch_of
 
 KW = dict(lr=1e-2, weight_decay=0.1)
 
@@ -238,3 +239,49 @@ def test_params_added_later_are_watched_and_released_too():
     del opt
     gc.collect()
     assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+# ---- the GradScaler loop of docs/mixed-precision.md ------------------------------------------------
+
+DOC_CLIP = "opt.clip_grad_norm_(1.0)"
+TORCH_CLIP = "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)"
+
+
+def _doc_grad_scaler_loop() -> tuple[str, str]:
+    """The page's loop as written: the scaler line (on CPU, as its comment says) and the step lines."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "mixed-precision.md").read_text()
+    block = page.split("## torch.amp.GradScaler", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    setup, body = block.split("\n", 1)
+    assert 'GradScaler("cuda")' in setup and "scaler.unscale_(opt)" in body and DOC_CLIP in body, block
+    return setup.replace('"cuda"', '"cpu"'), body
+
+
+def _run_doc_loop(sharded: bool, clip: str = DOC_CLIP) -> tuple[list[torch.Tensor], list[str], float]:
+    setup, body = _doc_grad_scaler_loop()
+    model = _model()
+    opt = ShardedFusedAdamW(model.parameters(), **KW) if sharded else torch.optim.AdamW(
+        model.parameters(), fused=True, **KW)
+    namespace = dict(torch=torch, model=model, opt=opt)
+    exec(setup, namespace)
+    step_code = compile(body.replace(DOC_CLIP, clip), "docs/mixed-precision.md", "exec")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            opt.zero_grad()
+            namespace["loss"] = model(_data(step)).pow(2).sum()
+            exec(step_code, namespace)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return [p.detach().clone() for p in model.parameters()], messages, namespace["scaler"].get_scale()
+
+
+def test_the_documented_grad_scaler_loop_is_torch_exact_and_silent():
+    ours, messages, scale = _run_doc_loop(sharded=True)
+    ref, ref_messages, ref_scale = _run_doc_loop(sharded=False, clip=TORCH_CLIP)
+    assert messages == [] and ref_messages == []  # unscale_(opt) finding no param.grad loses nothing
+    assert scale == ref_scale
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+def test_torch_clipping_after_unscale_still_warns_that_it_clipped_nothing():
+    _, messages, _ = _run_doc_loop(sharded=True, clip=TORCH_CLIP)
+    assert messages == [READ_NONE_WARNING]  # once, for the clip's read, not the scaler's

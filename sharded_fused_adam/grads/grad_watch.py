@@ -2,29 +2,32 @@
 
 [Note: watching param.grad]
 With sharded gradients (ZeRO-2, the default) ``param.grad`` is None between backward and
-``step()``: the averaged gradient lives in the optimizer's shards. Two things follow.
-Code that reads ``param.grad`` there (``torch.nn.utils.clip_grad_norm_`` /
-``clip_grad_value_``, per-layer norm logging, ``GradScaler.unscale_``) would silently see
-nothing. And torch's zeroing idioms (``model.zero_grad()``, ``param.grad = None``,
-hand-set gradients, loops that never zero, two steps on one backward) decide what the next
-step sees, yet never touch the optimizer. So the optimizer watches: every watched param's
-class is swapped for a subclass of its own class (``nn.Parameter`` or ``Tensor``) whose
-``grad`` property tells the ``GradWatch`` about reads and writes before deferring to the
-real attribute. What an access means depends on the ``GradPhase``, which the gradient
-strategy owns and moves. After a step (``STEPPED``), a write of ``param.grad`` or a read
-by ``model.zero_grad()`` / ``torch.optim.Optimizer.zero_grad`` (which read every grad and
-find None) marks the param zeroed: the strategy then forgets those params' gradient
-shards, and only those, which gives torch's result for every zeroing idiom, for loops that
-never zero (gradients accumulate across steps) and for two steps on one backward (the same
-gradients apply twice). A read by any other code after a step is ambiguous: a hand-written
-``if p.grad is not None: p.grad = None`` and a logging loop look the same, because both
-find None. It is taken as zeroing (the common case), and if it made the step forget a
-gradient that no other zeroing did, ``forgotten()`` warns once that a loop which never
-zeroes and only logs would differ from torch there. A read that gets None after backward
-(``REDUCED``) makes ``step()`` warn once, naming the ways to clip. The optimizer itself
-uses ``raw_grad`` / ``set_raw_grad`` (the C attribute, no Python property), so only other
-code is seen and the hot path pays nothing. Params of any other class (other libraries'
-tensor subclasses) are not watched: for them only ``opt.zero_grad()`` clears the shards.
+``step()``: the averaged gradient lives in the optimizer's shards. Two things follow. Code
+that reads ``param.grad`` there (``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``,
+per-layer norm logging) would silently see nothing. And torch's zeroing idioms
+(``model.zero_grad()``, ``param.grad = None``, hand-set gradients, loops that never zero,
+two steps on one backward) decide what the next step sees, yet never touch the optimizer. So
+the optimizer watches: every watched param's class is swapped for a subclass of its own
+class (``nn.Parameter`` or ``Tensor``) whose ``grad`` property tells the ``GradWatch`` about
+reads and writes before deferring to the real attribute. What an access means depends on the
+``GradPhase``, which the gradient strategy owns and moves. After a step (``STEPPED``), a
+write of ``param.grad`` or a read by ``model.zero_grad()`` /
+``torch.optim.Optimizer.zero_grad`` (which read every grad and find None) marks the param
+zeroed: the strategy then forgets those params' gradient shards, and only those, which gives
+torch's result for every zeroing idiom, for loops that never zero (gradients accumulate
+across steps) and for two steps on one backward (the same gradients apply twice). A read by
+any other code after a step is ambiguous: a hand-written
+``if p.grad is not None: p.grad = None`` and a logging loop look the same, because both find
+None. It is taken as zeroing (the common case), and if it made the step forget a gradient that no other zeroing did,
+``forgotten()`` warns once that a loop which never zeroes and only logs would differ from
+torch there. A read that gets None after backward (``REDUCED``) makes ``step()`` warn once,
+naming the ways to clip, except the read by ``GradScaler.unscale_(opt)`` of the owning
+optimizer: that optimizer declares ``_step_supports_amp_scaling`` and unscales its own
+shards inside ``step()``, so the scaler finding no ``param.grad`` loses nothing (reads that
+follow it, e.g. torch's clipping, still warn). The optimizer itself uses ``raw_grad`` /
+``set_raw_grad`` (the C attribute, no Python property), so only other code is seen and the
+hot path pays nothing. Params of any other class (other libraries' tensor subclasses) are
+not watched: for them only ``opt.zero_grad()`` clears the shards.
 
 [Note: a watch that leaves the user's objects usable]
 Nothing is stored on a param: the watch is found through a module-level map from ``id(p)``
@@ -67,8 +70,8 @@ _GRAD = torch._C.TensorBase.__dict__["grad"]
 
 READ_NONE_WARNING = (
     "param.grad was read between backward and step() and was None: with grads='sharded' (the default) the "
-    "averaged gradients live in the optimizer, so torch.nn.utils.clip_grad_norm_ / clip_grad_value_, "
-    "GradScaler.unscale_ and gradient logging over param.grad see nothing and clip nothing. Clip with "
+    "averaged gradients live in the optimizer, so torch.nn.utils.clip_grad_norm_ / clip_grad_value_ "
+    "and gradient logging over param.grad see nothing and clip nothing. Clip with "
     "ShardedFusedAdam(max_grad_norm=...), opt.clip_grad_norm_(max_norm) or "
     "sharded_fused_adam.clip_grad_norm_(params, max_norm), or build the optimizer with grads='replicated' "
     "to keep the averaged gradients in param.grad.")
@@ -175,8 +178,16 @@ class GradWatch:
         phase = self._phase()
         if phase is GradPhase.STEPPED:
             (self.zeroed if caller.f_code in _ZEROING_CODE else self.read).add(id(p))
-        elif phase is GradPhase.REDUCED and value is None:
+        elif phase is GradPhase.REDUCED and value is None and not self._unscale_of_owner(caller):
             self.read_none_while_reduced = True
+
+    def _unscale_of_owner(self, caller: Any) -> bool:
+        # GradScaler.unscale_(owner): the owner unscales inside step() (see [Note: watching param.grad]).
+        # Matched by name and instance, not by code object, so a subclass that overrides it counts too.
+        owner = self.owner
+        return (owner is not None and caller.f_code.co_name == "_unscale_grads_"
+                and isinstance(caller.f_locals.get("self"), torch.amp.GradScaler)
+                and caller.f_locals.get("optimizer") is owner)
 
     def on_write(self, p: torch.Tensor) -> None:
         if self._phase() is not GradPhase.BACKWARD:
