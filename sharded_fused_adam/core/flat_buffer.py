@@ -64,7 +64,7 @@ def alias_slot(view: torch.Tensor) -> torch.Tensor:
         return view  # owns no memory: nothing to deduplicate
     try:
         alias = torch.from_dlpack(view)
-    except (RuntimeError, BufferError, TypeError) as exc:
+    except (RuntimeError, BufferError, TypeError, ValueError) as exc:  # ValueError: no DLPack device code
         if view.device.type not in _DLPACK_WARNED:
             _DLPACK_WARNED.add(view.device.type)
             warnings.warn(f"ShardedFusedAdam: {view.device.type} tensors cannot be exported through DLPack "
