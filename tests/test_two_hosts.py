@@ -85,7 +85,10 @@ def _launch(hosts: list, out: Path, nproc_per_node: int, *worker_args: str) -> l
             p.kill()
             logs.append(p.communicate()[0])
     reports = [out / f"rank{r}.json" for r in range(2 * nproc_per_node)]
-    assert all(r.exists() for r in reports), "\n---\n".join(log[-3000:] for log in logs)
+    # a rank that crashes after its report (at exit) fails its host's launcher: the other host's
+    # then waits out torch elastic's exit barrier, so the return codes are checked too
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0] and all(r.exists() for r in reports), (codes, "\n---\n".join(log[-3000:] for log in logs))
     return [json.loads(r.read_text()) for r in reports]
 
 

@@ -9,6 +9,7 @@ and its "replicate" groups cross the link between the hosts.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -59,6 +60,10 @@ def main() -> None:
     interface = os.environ.get("GLOO_SOCKET_IFNAME")  # which host (namespace) this rank ran on
     (out / f"rank{rank}.json").write_text(json.dumps(dict(rank=rank, world_size=world_size, device=str(device),
                                                           interface=interface, **report)))
+    # Free the finished optimizers (and the mesh's groups they hold) before destroying the groups:
+    # left to interpreter exit, a rank sometimes aborted there ("terminate called without an active
+    # exception") after its report, and the other host's launcher waited out the exit barrier.
+    gc.collect()
     dist.destroy_process_group()
 
 
