@@ -23,7 +23,10 @@ OPEN_MPI_RANK1 = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
 
 @pytest.fixture
 def isolated(monkeypatch, tmp_path):
-    """No launcher variables; sys.argv, sys.path and the SFA_* overrides restored afterwards."""
+    """No launcher variables; sys.argv, sys.path and the whole environment restored afterwards
+    (``cli.main`` runs in this process and sets MASTER_ADDR, RANK, ... for the script: none of
+    that may leak into later tests, which would then try to reach that master)."""
+    saved = dict(os.environ)
     for name in list(os.environ):
         if name in ("RANK", "WORLD_SIZE") or name.startswith(("OMPI_", "PMI_", "SLURM_", "SFA_", "MASTER_")):
             monkeypatch.delenv(name)
@@ -33,7 +36,9 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", list(sys.path))
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    return script
+    yield script
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_under_mpi_the_script_runs_in_this_process(isolated, monkeypatch, tmp_path):

@@ -63,7 +63,9 @@ def test_safetensors_save_model(tmp_path):
 
 
 @needs["accelerate"]
-def test_accelerate_save_model_keeps_every_param(tmp_path, capsys):
+def test_accelerate_save_model_keeps_every_param(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # one process: Accelerator must not look for peers
     import safetensors.torch as st
     from accelerate import Accelerator
 
