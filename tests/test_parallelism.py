@@ -256,6 +256,39 @@ def _hybrid(rank: int, world_size: int, clip: bool, folder: str, grads: str = "s
     return out
 
 
+def _hybrid_unfreeze(rank: int, world_size: int) -> list[float]:
+    """The first param frozen at construction and unfrozen after two steps, on every rank at once."""
+    mesh = _mesh()
+    full = _full_model()
+    oracle = [torch.nn.Parameter(full[n].clone()) for n in NAMES]
+    params = [torch.nn.Parameter(full[n].clone()) for n in NAMES]
+    for p in (oracle[0], params[0]):
+        p.requires_grad_(False)
+    ref = torch.optim.AdamW(oracle, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = ShardedFusedAdamW(list(zip(NAMES, params)), lr=1e-2, weight_decay=0.1, device_mesh=mesh)
+    diffs = []
+    for step in range(STEPS):
+        if step == 2:
+            for p in (oracle[0], params[0]):
+                p.requires_grad_(True)
+        grads = [_full_grads(oracle, step, d) for d in range(4)]
+        for n, p in zip(NAMES, params):
+            p.grad = grads[rank][n].clone() if p.requires_grad else None
+        opt.step()
+        for n, p in zip(NAMES, oracle):
+            p.grad = ((grads[0][n] + grads[1][n]) + (grads[2][n] + grads[3][n])) / 4 if p.requires_grad else None
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        diffs.append(max((p - e).abs().max().item() for p, e in zip(params, oracle)))
+    return diffs
+
+
+def test_hybrid_sharding_takes_params_unfrozen_mid_training(ranks):
+    for diffs in ranks(_hybrid_unfreeze, 4):
+        assert max(diffs) == 0.0, diffs
+
+
 def test_hybrid_sharding_with_replicated_gradients(ranks):
     for r in ranks(_hybrid, 4, False, "", "replicated"):
         assert max(r["diffs"]) == 0.0, r["diffs"]  # all-reduced over the shard group, then the replicas
