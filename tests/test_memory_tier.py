@@ -164,12 +164,12 @@ def test_checkpoints_record_the_state_dtype_and_convert_either_way(ranks, tmp_pa
         assert torch.equal(entry["exp_avg_sq"], r["full"][i]["exp_avg_sq"].float())
 
 
-def _resume_phase(rank: int, world_size: int, folder: str, steps: tuple[int, int], master: str) -> list:
+def _resume_phase(rank: int, world_size: int, folder: str, steps: tuple[int, int], options: dict) -> list:
+    """Train steps ``[start, end)`` of a bf16 model with ``options``, resuming from / saving to ``folder``."""
     model = make_net().to(torch.bfloat16)
     if steps[0]:
         model.load_state_dict(torch.load(f"{folder}/model.pt", weights_only=True))
-    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, master_weights=master,
-                           state_dtype=torch.bfloat16)
+    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
     if steps[0]:
         load_sharded(opt, f"{folder}/opt")
     for step in range(*steps):
@@ -186,10 +186,13 @@ def _resume_phase(rank: int, world_size: int, folder: str, steps: tuple[int, int
 def test_split_masters_resume_bit_for_bit_at_other_world_sizes_and_storages(ranks, tmp_path):
     # Same gradients on every rank and power-of-two world sizes: the averages are exact, so any
     # difference would come from the state that travelled through the checkpoint.
-    uninterrupted = ranks(_resume_phase, 2, str(tmp_path / "a"), (0, 5), "split")[0]
-    ranks(_resume_phase, 2, str(tmp_path / "b"), (0, 3), "split")
+    def options(master: str) -> dict:
+        return dict(master_weights=master, state_dtype=torch.bfloat16)
+
+    uninterrupted = ranks(_resume_phase, 2, str(tmp_path / "a"), (0, 5), options("split"))[0]
+    ranks(_resume_phase, 2, str(tmp_path / "b"), (0, 3), options("split"))
     for world_size, master in ((4, "split"), (1, "fp32")):
-        resumed = ranks(_resume_phase, world_size, str(tmp_path / "b"), (3, 5), master)[0]
+        resumed = ranks(_resume_phase, world_size, str(tmp_path / "b"), (3, 5), options(master))[0]
         assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted)), (world_size, master)
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import batch, loss_fn, make_net, param_groups
-from test_memory_tier import _bits, _state_mismatches
+from test_memory_tier import _bits, _resume_phase, _state_mismatches
 from test_parity import CONFIGS
 import sharded_fused_adam.core.bucket as bucket_module
-from sharded_fused_adam import ShardedFusedAdam, load_sharded, save_sharded
+from sharded_fused_adam import ShardedFusedAdam
 
 STEPS = 4
 # (param dtype, state_dtype): fp32 models offload moments only, bf16 ones their fp32 masters too
@@ -76,31 +76,16 @@ def test_memory_report_names_the_offloaded_bytes_as_host_bytes(ranks, dtype):
         assert r["host"]["devices"] == {"cpu"}
 
 
-def _resume_phase(rank: int, world_size: int, folder: str, steps: tuple[int, int], offload) -> list:
-    model = make_net().to(torch.bfloat16)
-    if steps[0]:
-        model.load_state_dict(torch.load(f"{folder}/model.pt", weights_only=True))
-    opt = ShardedFusedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True, offload=offload)
-    if steps[0]:
-        load_sharded(opt, f"{folder}/opt")
-    for step in range(*steps):
-        opt.zero_grad()
-        loss_fn(model, *batch(step, 0, same_on_all_ranks=True)).float().backward()
-        opt.step()
-    if not steps[0]:
-        save_sharded(opt, f"{folder}/opt")
-        if rank == 0:
-            torch.save(model.state_dict(), f"{folder}/model.pt")
-    return [_bits(p).clone() for p in model.parameters()]
-
-
 def test_offloaded_checkpoints_resume_bit_for_bit_at_other_world_sizes(ranks, tmp_path):
     # Same gradients on every rank and power-of-two world sizes: the averages are exact, so any
     # difference would come from the state that travelled through the checkpoint.
-    uninterrupted = ranks(_resume_phase, 2, str(tmp_path / "a"), (0, 5), None)[0]
-    ranks(_resume_phase, 2, str(tmp_path / "b"), (0, 3), "host")
+    def options(offload) -> dict:
+        return dict(amsgrad=True, offload=offload)
+
+    uninterrupted = ranks(_resume_phase, 2, str(tmp_path / "a"), (0, 5), options(None))[0]
+    ranks(_resume_phase, 2, str(tmp_path / "b"), (0, 3), options("host"))
     for world_size, offload in ((4, "host"), (1, None), (1, "host")):
-        resumed = ranks(_resume_phase, world_size, str(tmp_path / "b"), (3, 5), offload)[0]
+        resumed = ranks(_resume_phase, world_size, str(tmp_path / "b"), (3, 5), options(offload))[0]
         assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted)), (world_size, offload)
 
 
